@@ -1,0 +1,44 @@
+# One command per habit. CI calls the same targets (see .ci/run).
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: venv demo test test-fast lint bench bench-smoke chaos clean tools
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+## tools: system tools some checks need (promtool); installs them when missing and allowed.
+tools:
+	@bash .ci/tools.sh
+
+demo: venv
+	$(BIN)/dispatcher demo
+
+lint: venv
+	$(BIN)/ruff check dispatcher tests
+	$(BIN)/ruff format --check dispatcher tests
+	$(BIN)/mypy
+
+test: venv lint
+	$(BIN)/pytest -q -p no:cacheprovider
+
+test-fast: venv
+	$(BIN)/pytest -q -x -p no:cacheprovider tests/unit
+
+bench: venv
+	$(BIN)/dispatcher bench
+
+chaos: venv
+	DISPATCHER_CHAOS_LONG=1 $(BIN)/pytest -q -p no:cacheprovider tests/chaos
+
+clean:
+	rm -rf $(VENV) .dispatcher build *.egg-info .mypy_cache .ruff_cache

@@ -1,0 +1,64 @@
+"""The admin HTTP app: liveness, readiness and Prometheus metrics (management API: ``api``).
+
+Must not block the event loop: readiness does one cheap database round trip with a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import prometheus_client as prom
+from aiohttp import web
+
+READY_TIMEOUT_SECONDS = 2.0
+
+
+class Health:
+    """What the probes report. ``draining`` flips readiness off during shutdown."""
+
+    def __init__(self, ping: Callable[[], Awaitable[None]]) -> None:
+        self._ping = ping
+        self.started = False
+        self.draining = False
+
+    async def ready(self) -> tuple[bool, str]:
+        if self.draining:
+            return False, "draining"
+        if not self.started:
+            return False, "starting"
+        try:
+            await asyncio.wait_for(self._ping(), READY_TIMEOUT_SECONDS)
+        except Exception as exc:
+            return False, f"database: {type(exc).__name__}"
+        return True, "ok"
+
+
+HEALTH: web.AppKey[Health] = web.AppKey("health", Health)
+REGISTRY: web.AppKey[prom.CollectorRegistry] = web.AppKey("registry", prom.CollectorRegistry)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    ok, reason = await request.app[HEALTH].ready()
+    return web.json_response(
+        {"status": "ok" if ok else "unavailable", "reason": reason}, status=200 if ok else 503
+    )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = prom.generate_latest(request.app[REGISTRY])
+    return web.Response(body=body, headers={"Content-Type": prom.CONTENT_TYPE_LATEST})
+
+
+def build_app(health: Health, registry: prom.CollectorRegistry) -> web.Application:
+    app = web.Application(client_max_size=1024 * 1024)
+    app[HEALTH] = health
+    app[REGISTRY] = registry
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    return app

@@ -1,0 +1,174 @@
+"""Composition root: builds pool, HTTP session, metrics, repository, sender and loops, and owns
+the stop event and the staged shutdown. Nothing else creates long-lived resources.
+
+Shutdown order: readiness off → stop claiming and routing → drain requests on the wire
+(bounded grace) → release leases left → flush acks → stop background loops → close HTTP
+session → close pool → stop the admin listener.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import prometheus_client as prom
+import structlog
+from aiohttp import web
+
+from dispatcher import __version__, admin, claimer, config, delivery, metrics, router, signing, ssrf
+from dispatcher.db import listener, migrate, repository
+from dispatcher.db import pool as db_pool
+
+log = structlog.get_logger("dispatcher.app")
+
+
+class SchemaNotReady(RuntimeError):
+    pass
+
+
+class Dispatcher:
+    """One dispatcher process. ``await run(stop)`` until ``stop`` is set."""
+
+    def __init__(
+        self,
+        settings: config.Settings,
+        *,
+        registry: prom.CollectorRegistry | None = None,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry or prom.CollectorRegistry()
+        self.metrics = metrics.Metrics(
+            self.registry, max_subscriptions=settings.metrics_max_subscriptions, version=__version__
+        )
+        try:
+            self.policy = ssrf.AddressPolicy.from_strings(settings.allow_cidrs, settings.https_only)
+        except ValueError as exc:
+            raise config.ConfigError(f"allow-list: {exc}") from None
+        self.pool: Any = None
+        self.repo: repository.Repository | None = None
+        self.claimer: claimer.Claimer | None = None
+        self.health: admin.Health | None = None
+        self.bound_port: int | None = None
+        self.ready = asyncio.Event()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        s = self.settings
+        self.pool = await db_pool.create_pool(s.database_url, min_size=2, max_size=8)
+        try:
+            async with self.pool.acquire() as conn:
+                missing = await migrate.pending(conn)
+            if missing:
+                raise SchemaNotReady(
+                    f"database schema is not current (missing {', '.join(missing)}); "
+                    "run `dispatcher migrate` first"
+                )
+            await self._serve(stop)
+        finally:
+            await self.pool.close()
+
+    async def _serve(self, stop: asyncio.Event) -> None:
+        s = self.settings
+        repo = self.repo = repository.Repository(self.pool)
+        self.health = admin.Health(repo.ping)
+        runner = web.AppRunner(admin.build_app(self.health, self.registry), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, s.listen_host, s.listen_port)
+        await site.start()
+        self.bound_port = _bound_port(runner)
+        policy = self.policy
+        resolver = ssrf.build_connector_resolver(policy)
+        session = delivery.build_session(max_connections=s.max_in_flight, resolver=resolver)
+        sender = delivery.Sender(
+            session,
+            signing.SignerRegistry.load(),
+            request_timeout_seconds=s.request_timeout_seconds,
+            connect_timeout_seconds=s.connect_timeout_seconds,
+            response_max_bytes=s.response_max_bytes,
+            response_log_bytes=s.response_log_bytes,
+            guard=lambda url: ssrf.check_request_host(url, policy),
+            is_blocked=ssrf.is_blocked_error,
+        )
+        work = self.claimer = claimer.Claimer(repo, sender, self.metrics, s)
+        route = router.Router(
+            repo,
+            self.metrics,
+            batch=s.route_batch,
+            poll_interval_seconds=s.poll_interval_seconds,
+            on_routed=work.wake,
+        )
+        reaper = router.Reaper(
+            repo,
+            self.metrics,
+            max_attempts=s.retry.max_attempts,
+            interval_seconds=max(s.poll_interval_seconds, 0.05),
+            on_requeued=work.wake,
+        )
+
+        def rescan() -> None:
+            route.wake()
+            work.wake()
+
+        listen = listener.Listener(
+            s.database_url,
+            {repository.OUTBOX_CHANNEL: route.wake, repository.WORK_CHANNEL: work.wake},
+            on_connect=rescan,
+        )
+        background_stop = asyncio.Event()
+        acks = asyncio.create_task(work.acks.run(), name="acks")
+        loops = [
+            asyncio.create_task(listen.run(background_stop), name="listener"),
+            asyncio.create_task(route.run(background_stop), name="router"),
+            asyncio.create_task(reaper.run(background_stop), name="reaper"),
+        ]
+        claim = asyncio.create_task(work.run(), name="claimer")
+        self.health.started = True
+        self.ready.set()
+        log.info(
+            "dispatcher_started",
+            listen=f"{s.listen_host}:{self.bound_port}",
+            worker=s.worker_id,
+            max_in_flight=s.max_in_flight,
+        )
+        try:
+            stopped = asyncio.create_task(stop.wait())
+            done, _ = await asyncio.wait(
+                {stopped, claim, acks, *loops}, return_when=asyncio.FIRST_COMPLETED
+            )
+            for task in done - {stopped}:
+                if task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+            stopped.cancel()
+        finally:
+            log.info("dispatcher_draining", in_flight=work.in_flight())
+            self.health.draining = True
+            work.stop_claiming()
+            background_stop.set()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(claim, 5)
+            released = await work.drain(s.shutdown_grace_seconds)
+            work.acks.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(acks, 10)
+            await asyncio.wait(loops, timeout=5)
+            for task in [acks, *loops]:
+                task.cancel()
+            await session.close()
+            await resolver.close()  # aiohttp does not close a resolver it was given
+            await runner.cleanup()
+            log.info("dispatcher_stopped", released=released, stale_acks=work.acks.stale)
+
+
+def _bound_port(runner: web.AppRunner) -> int | None:
+    for addr in runner.addresses:
+        if isinstance(addr, tuple) and len(addr) >= 2:
+            return int(addr[1])
+    return None
+
+
+async def migrate_database(dsn: str) -> list[str]:
+    conn = await db_pool.connect(dsn, application_name="dispatcher-migrate")
+    try:
+        return await migrate.apply(conn)
+    finally:
+        await conn.close()

@@ -1,0 +1,124 @@
+"""Frozen, validated settings.
+
+Built once by the CLI (the only module that reads the environment) and passed down
+explicitly. Secrets are kept out of ``repr`` so a logged settings object leaks nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import socket
+
+
+class ConfigError(ValueError):
+    """A setting has a value the dispatcher cannot run with."""
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``host:port`` (IPv6 as ``[::1]:8090``) → (host, port)."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host:
+        raise ConfigError(f"listen address {value!r} must look like host:port")
+    host = host.strip("[]")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ConfigError(f"listen address {value!r} has a non-numeric port") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"listen address {value!r} has a port outside 0-65535")
+    return host, port
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Full-jitter exponential backoff limits (see :mod:`dispatcher.backoff`)."""
+
+    base_seconds: float = 5.0
+    cap_seconds: float = 6 * 3600.0
+    max_attempts: int = 30
+    max_age_seconds: float = 3 * 86400.0
+    max_4xx_attempts: int = 3
+    retry_after_max_seconds: float = 3600.0
+
+    def __post_init__(self) -> None:
+        if self.base_seconds < 0 or self.cap_seconds < self.base_seconds:
+            raise ConfigError("retry base must be >= 0 and cap >= base")
+        if self.max_attempts < 1 or self.max_4xx_attempts < 1:
+            raise ConfigError("max attempts must be >= 1")
+        if self.max_age_seconds <= 0 or self.retry_after_max_seconds < 0:
+            raise ConfigError("max age must be > 0 and Retry-After clamp >= 0")
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything ``dispatcher run`` needs. Defaults are production defaults."""
+
+    database_url: str = dataclasses.field(repr=False, default="")
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8090
+    worker_id: str = dataclasses.field(default_factory=default_worker_id)
+    # Requests on the wire from this process, all subscriptions together.
+    max_in_flight: int = 256
+    # Most deliveries one claim statement may take.
+    claim_batch: int = 200
+    # Fallback wake-up when no NOTIFY arrives (lost notification, retries coming due).
+    poll_interval_seconds: float = 1.0
+    route_batch: int = 500
+    connect_timeout_seconds: float = 3.0
+    request_timeout_seconds: float = 10.0
+    # Responses are read up to this many bytes; the attempt log keeps a shorter prefix.
+    response_max_bytes: int = 64 * 1024
+    response_log_bytes: int = 1024
+    # Extra time a lease outlives the request deadline before the delivery is reclaimed.
+    lease_margin_seconds: float = 30.0
+    shutdown_grace_seconds: float = 20.0
+    retry: RetryPolicy = dataclasses.field(default_factory=RetryPolicy)
+    # Metrics label at most this many subscriptions; the rest become subscription="other".
+    metrics_max_subscriptions: int = 100
+    gauge_interval_seconds: float = 5.0
+    admin_token: str = dataclasses.field(repr=False, default="")
+    # SSRF guard: non-global destinations are refused unless inside one of these CIDRs.
+    allow_cidrs: tuple[str, ...] = ()
+    https_only: bool = False
+    # Ack writer: most results written per statement, and how long to gather them.
+    ack_batch: int = 500
+    ack_linger_seconds: float = 0.002
+
+    def __post_init__(self) -> None:
+        if self.max_in_flight < 1 or self.claim_batch < 1 or self.route_batch < 1:
+            raise ConfigError("max_in_flight, claim_batch and route_batch must be >= 1")
+        if self.poll_interval_seconds <= 0:
+            raise ConfigError("poll interval must be > 0")
+        if self.connect_timeout_seconds <= 0 or self.request_timeout_seconds <= 0:
+            raise ConfigError("timeouts must be > 0")
+        if self.connect_timeout_seconds > self.request_timeout_seconds:
+            raise ConfigError("connect timeout must not exceed the request timeout")
+        if self.lease_margin_seconds <= 0:
+            raise ConfigError("lease margin must be > 0")
+        if self.shutdown_grace_seconds < 0:
+            raise ConfigError("shutdown grace must be >= 0")
+        if self.metrics_max_subscriptions < 0:
+            raise ConfigError("metrics_max_subscriptions must be >= 0")
+
+    @property
+    def lease_seconds(self) -> float:
+        """A claimed delivery is reclaimed only after its request could no longer be running."""
+        return self.request_timeout_seconds + self.lease_margin_seconds
+
+    def replace(self, **changes: object) -> Settings:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]

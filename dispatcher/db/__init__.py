@@ -1,0 +1,1 @@
+"""Database access: pool factory, migrations, the repository (the only SQL), LISTEN/NOTIFY."""

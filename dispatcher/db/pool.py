@@ -1,0 +1,40 @@
+"""asyncpg pool factory with the session limits every dispatcher connection runs under.
+
+Timeouts keep one stuck statement or forgotten transaction from holding locks that the
+claimers of other replicas are waiting on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+
+SESSION_SETTINGS = {
+    "application_name": "dispatcher",
+    "statement_timeout": "30s",
+    "lock_timeout": "10s",
+    "idle_in_transaction_session_timeout": "60s",
+}
+
+
+def server_settings(application_name: str = "dispatcher") -> dict[str, str]:
+    return {**SESSION_SETTINGS, "application_name": application_name}
+
+
+async def create_pool(
+    dsn: str, *, min_size: int = 1, max_size: int = 10, application_name: str = "dispatcher"
+) -> Any:
+    """A pool whose connections carry :data:`SESSION_SETTINGS`."""
+    return await asyncpg.create_pool(
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        server_settings=server_settings(application_name),
+        command_timeout=60,
+    )
+
+
+async def connect(dsn: str, *, application_name: str = "dispatcher") -> Any:
+    """One connection outside the pool (LISTEN, migrations)."""
+    return await asyncpg.connect(dsn, server_settings=server_settings(application_name))

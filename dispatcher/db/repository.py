@@ -1,0 +1,383 @@
+"""The outbox/delivery repository: every SQL statement the dispatcher runs lives here.
+
+Each query carries a comment on its locking intent. No HTTP, no retry policy: callers pass
+decisions in (``Ack``) and get plain values back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import orjson
+
+from dispatcher import delivery
+
+WORK_CHANNEL = "dispatcher_work"
+OUTBOX_CHANNEL = "dispatcher_outbox"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RouteStats:
+    events: int = 0
+    routed: int = 0
+    unmatched: int = 0
+    unknown_subscription: int = 0
+    deliveries: int = 0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Ack:
+    """The result of one attempt, to be applied if the lease token still matches."""
+
+    delivery_id: int
+    lease_token: int
+    attempt: int
+    state: str  # delivered | retrying | dead | parked
+    delay_seconds: float | None
+    status: int | None
+    error: str | None
+    started_at: float
+    duration_ms: float
+    outcome: str
+    response: str | None
+    manual: bool = False
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Reclaimed:
+    requeued: int
+    dead: int
+
+
+_ROUTE_SQL = """
+-- Lock a batch of unrouted events (SKIP LOCKED: replicas route disjoint batches), create one
+-- delivery per matching subscription (the unique key makes a retried routing a no-op), and
+-- mark the events routed in the same transaction.
+WITH batch AS (
+    SELECT o.id, o.event_type, o.subscription_id, o.ordering_key, o.created_at
+    FROM webhook_outbox o
+    WHERE o.routed_at IS NULL
+    ORDER BY o.id
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+), targets AS (
+    SELECT b.id AS outbox_id, s.id AS subscription_id, b.ordering_key, b.created_at, s.enabled
+    FROM batch b
+    JOIN webhook_subscriptions s
+      ON (b.subscription_id IS NOT NULL AND s.id = b.subscription_id)
+      OR (b.subscription_id IS NULL AND s.enabled AND EXISTS (
+            SELECT 1 FROM unnest(s.event_types) AS p(pattern)
+            WHERE p.pattern = b.event_type
+               OR p.pattern = '*'
+               OR (right(p.pattern, 2) = '.*' AND starts_with(b.event_type, left(p.pattern, -1)))))
+), created AS (
+    INSERT INTO webhook_deliveries
+        (outbox_id, subscription_id, ordering_key, event_created_at, state)
+    SELECT t.outbox_id, t.subscription_id, t.ordering_key, t.created_at,
+           CASE WHEN t.enabled THEN 'pending' ELSE 'parked' END
+    FROM targets t
+    ORDER BY t.outbox_id, t.subscription_id
+    ON CONFLICT (outbox_id, subscription_id) DO NOTHING
+    RETURNING 1
+)
+UPDATE webhook_outbox o
+SET routed_at = now(),
+    delivery_count = (SELECT count(*) FROM targets t WHERE t.outbox_id = o.id),
+    route_result = CASE
+        WHEN EXISTS (SELECT 1 FROM targets t WHERE t.outbox_id = o.id) THEN 'routed'
+        WHEN o.subscription_id IS NOT NULL THEN 'unknown_subscription'
+        ELSE 'unmatched' END
+FROM batch b
+WHERE o.id = b.id
+RETURNING o.route_result, o.delivery_count, (SELECT count(*) FROM created) AS created
+"""
+
+_ACK_SQL = """
+-- Apply results fenced on the lease token: a row whose token changed (lease expired and
+-- reclaimed, or released) is left alone, and its attempt is logged with applied = false.
+WITH r AS (
+    SELECT *
+    FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::float8[], $5::int[], $6::text[],
+                $7::int[], $8::float8[], $9::float8[], $10::text[], $11::text[], $12::bool[])
+         AS r(id, token, state, delay, status, error, attempt, started, duration_ms, outcome,
+              response, manual)
+), applied AS (
+    UPDATE webhook_deliveries d
+    SET state = r.state,
+        next_attempt_at = CASE WHEN r.delay IS NULL THEN d.next_attempt_at
+                               ELSE now() + make_interval(secs => r.delay) END,
+        leased_until = NULL,
+        lease_token = NULL,
+        leased_by = NULL,
+        last_status = r.status,
+        last_error = r.error,
+        finished_at = CASE WHEN r.state IN ('delivered', 'dead') THEN now() END,
+        updated_at = now()
+    FROM r
+    WHERE d.id = r.id AND d.lease_token = r.token AND d.state = 'in_flight'
+    RETURNING d.id
+), logged AS (
+    INSERT INTO webhook_attempts (delivery_id, attempt, manual, started_at, duration_ms, outcome,
+                                  status_code, error, response_body, worker, applied)
+    SELECT r.id, r.attempt, r.manual, to_timestamp(r.started), r.duration_ms, r.outcome,
+           r.status, r.error, r.response, $13, r.id IN (SELECT id FROM applied)
+    FROM r
+    WHERE EXISTS (SELECT 1 FROM webhook_deliveries x WHERE x.id = r.id)
+)
+SELECT id FROM applied
+"""
+
+_RECLAIM_SQL = """
+-- Expired leases go back to the queue (or die when the attempt limit is reached: the attempt
+-- counter moved at claim time, so a delivery that keeps killing workers ends up dead).
+-- SKIP LOCKED: never wait on a row an ack is updating right now.
+WITH expired AS (
+    SELECT id FROM webhook_deliveries
+    WHERE state = 'in_flight' AND leased_until < now()
+    ORDER BY leased_until
+    LIMIT 1000
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE webhook_deliveries d
+SET state = CASE WHEN d.attempt >= $1 THEN 'dead' ELSE 'retrying' END,
+    next_attempt_at = now(),
+    leased_until = NULL,
+    lease_token = NULL,
+    leased_by = NULL,
+    last_error = 'lease expired (worker lost)',
+    finished_at = CASE WHEN d.attempt >= $1 THEN now() END,
+    updated_at = now()
+FROM expired
+WHERE d.id = expired.id
+RETURNING d.state
+"""
+
+_RELEASE_SQL = """
+-- Hand back leases this worker will not finish (graceful shutdown): fenced on the token,
+-- and the attempt is not counted against the delivery.
+UPDATE webhook_deliveries d
+SET state = 'retrying', next_attempt_at = now(), attempt = greatest(d.attempt - 1, 0),
+    leased_until = NULL, lease_token = NULL, leased_by = NULL, updated_at = now()
+FROM unnest($1::bigint[], $2::bigint[]) AS r(id, token)
+WHERE d.id = r.id AND d.lease_token = r.token AND d.state = 'in_flight'
+"""
+
+_DISABLE_SQL = """
+-- Disable a subscription and park its queued work (kept, not lost; enabling resumes it).
+WITH sub AS (
+    UPDATE webhook_subscriptions
+    SET enabled = false, disabled_reason = $2, disabled_at = now(), updated_at = now()
+    WHERE id = $1 AND enabled
+    RETURNING id
+)
+UPDATE webhook_deliveries d
+SET state = 'parked', updated_at = now()
+FROM sub
+WHERE d.subscription_id = sub.id AND d.state IN ('pending', 'retrying')
+"""
+
+_ENABLE_SQL = """
+-- Re-enable and put parked work back in the queue.
+WITH sub AS (
+    UPDATE webhook_subscriptions
+    SET enabled = true, disabled_reason = NULL, disabled_at = NULL, updated_at = now()
+    WHERE id = $1
+    RETURNING id
+)
+UPDATE webhook_deliveries d
+SET state = 'pending', next_attempt_at = now(), updated_at = now()
+FROM sub
+WHERE d.subscription_id = sub.id AND d.state = 'parked'
+"""
+
+SUBSCRIPTION_COLUMNS = """
+    id, url, event_types, secret, signature_header, signers, headers::text AS headers,
+    max_in_flight, rate_limit_per_second, description, metadata::text AS metadata, enabled,
+    disabled_reason, disabled_at, created_at, updated_at,
+    (previous_secret_until > now()) IS TRUE AS rotating
+"""
+
+
+def _job(row: Any) -> delivery.Job:
+    secrets = (
+        (row["secret"],)
+        if row["previous_secret"] is None
+        else (row["secret"], row["previous_secret"])
+    )
+    return delivery.Job(
+        delivery_id=row["delivery_id"],
+        lease_token=row["lease_token"],
+        attempt=row["attempt"],
+        subscription_id=str(row["subscription_id"]),
+        url=row["url"],
+        event_id=row["event_id"],
+        event_type=row["event_type"],
+        body=row["body"].encode(),
+        secrets=secrets,
+        signature_header=row["signature_header"],
+        signers=tuple(row["signers"]),
+        headers=orjson.loads(row["headers"]),
+        event_created_at=row["event_created_at"],
+        ordering_key=row["ordering_key"],
+    )
+
+
+class Repository:
+    """Outbox, deliveries, attempts and subscriptions over an asyncpg pool."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+
+    # -- routing ---------------------------------------------------------------------------
+
+    async def route(self, limit: int) -> RouteStats:
+        async with self.pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(_ROUTE_SQL, limit)
+            if rows and rows[0]["created"]:
+                # Wake every replica's claimer; delivered at commit.
+                await conn.execute("SELECT pg_notify($1, '')", WORK_CHANNEL)
+        results = [r["route_result"] for r in rows]
+        return RouteStats(
+            events=len(rows),
+            routed=results.count("routed"),
+            unmatched=results.count("unmatched"),
+            unknown_subscription=results.count("unknown_subscription"),
+            deliveries=rows[0]["created"] if rows else 0,
+        )
+
+    # -- claiming and acknowledging --------------------------------------------------------
+
+    async def claim(self, worker: str, limit: int, lease_seconds: float) -> list[delivery.Job]:
+        # One round trip; the locking lives in dispatcher_claim() (sql/001_init.sql).
+        rows = await self.pool.fetch(
+            "SELECT * FROM dispatcher_claim($1, $2, $3)", worker, limit, lease_seconds
+        )
+        return [_job(r) for r in rows]
+
+    async def ack(self, acks: Sequence[Ack], worker: str) -> set[int]:
+        """Apply results; return the ids whose token still matched (the rest were stale)."""
+        rows = await self.pool.fetch(
+            _ACK_SQL,
+            [a.delivery_id for a in acks],
+            [a.lease_token for a in acks],
+            [a.state for a in acks],
+            [a.delay_seconds for a in acks],
+            [a.status for a in acks],
+            [a.error for a in acks],
+            [a.attempt for a in acks],
+            [a.started_at for a in acks],
+            [a.duration_ms for a in acks],
+            [a.outcome for a in acks],
+            [a.response for a in acks],
+            [a.manual for a in acks],
+            worker,
+        )
+        return {r["id"] for r in rows}
+
+    async def reclaim_expired(self, max_attempts: int) -> Reclaimed:
+        rows = await self.pool.fetch(_RECLAIM_SQL, max_attempts)
+        dead = sum(1 for r in rows if r["state"] == "dead")
+        return Reclaimed(requeued=len(rows) - dead, dead=dead)
+
+    async def release(self, leases: Iterable[tuple[int, int]]) -> None:
+        pairs = list(leases)
+        if pairs:
+            await self.pool.execute(_RELEASE_SQL, [p[0] for p in pairs], [p[1] for p in pairs])
+
+    # -- subscriptions ---------------------------------------------------------------------
+
+    async def disable_subscription(self, subscription_id: str, reason: str) -> bool:
+        async with self.pool.acquire() as conn, conn.transaction():
+            # Row lock (FOR UPDATE via UPDATE) waits for a claim in progress on this subscription.
+            was_enabled = await conn.fetchval(
+                "SELECT enabled FROM webhook_subscriptions WHERE id = $1 FOR UPDATE",
+                uuid.UUID(subscription_id),
+            )
+            await conn.execute(_DISABLE_SQL, uuid.UUID(subscription_id), reason)
+        return bool(was_enabled)
+
+    async def enable_subscription(self, subscription_id: str) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(_ENABLE_SQL, uuid.UUID(subscription_id))
+            await conn.execute("SELECT pg_notify($1, '')", WORK_CHANNEL)
+
+    async def create_subscription(
+        self,
+        *,
+        url: str,
+        event_types: Sequence[str],
+        secret: str,
+        signature_header: str | None = None,
+        signers: Sequence[str] = (),
+        max_in_flight: int = 10,
+        description: str = "",
+        headers: dict[str, str] | None = None,
+        subscription_id: uuid.UUID | None = None,
+    ) -> dict[str, Any]:
+        # Plain insert; the primary key rejects a duplicate explicit id.
+        row = await self.pool.fetchrow(
+            f"""
+            INSERT INTO webhook_subscriptions (id, url, event_types, secret, signature_header,
+                                               signers, max_in_flight, description, headers)
+            VALUES (COALESCE($1, gen_random_uuid()), $2, $3, $4, $5, $6, $7, $8, $9::jsonb)
+            RETURNING {SUBSCRIPTION_COLUMNS}
+            """,
+            subscription_id,
+            url,
+            list(event_types),
+            secret,
+            signature_header,
+            list(signers),
+            max_in_flight,
+            description,
+            orjson.dumps(headers or {}).decode(),
+        )
+        return subscription_dict(row, include_secret=True)
+
+    async def list_subscriptions(self) -> list[dict[str, Any]]:
+        rows = await self.pool.fetch(
+            f"SELECT {SUBSCRIPTION_COLUMNS} FROM webhook_subscriptions ORDER BY created_at, id"
+        )
+        return [subscription_dict(r) for r in rows]
+
+    async def get_subscription(
+        self, subscription_id: str, *, include_secret: bool = False
+    ) -> dict[str, Any] | None:
+        row = await self.pool.fetchrow(
+            f"SELECT {SUBSCRIPTION_COLUMNS} FROM webhook_subscriptions WHERE id = $1",
+            uuid.UUID(subscription_id),
+        )
+        return None if row is None else subscription_dict(row, include_secret=include_secret)
+
+    # -- health ----------------------------------------------------------------------------
+
+    async def ping(self) -> None:
+        await self.pool.fetchval("SELECT 1")
+
+
+def subscription_dict(row: Any, *, include_secret: bool = False) -> dict[str, Any]:
+    """A subscription as the API and CLI show it; the secret only when asked for."""
+    out: dict[str, Any] = {
+        "id": str(row["id"]),
+        "url": row["url"],
+        "event_types": list(row["event_types"]),
+        "signature_header": row["signature_header"],
+        "signers": list(row["signers"]),
+        "headers": orjson.loads(row["headers"]),
+        "max_in_flight": row["max_in_flight"],
+        "rate_limit_per_second": row["rate_limit_per_second"],
+        "description": row["description"],
+        "metadata": orjson.loads(row["metadata"]),
+        "enabled": row["enabled"],
+        "disabled_reason": row["disabled_reason"],
+        "disabled_at": row["disabled_at"].isoformat() if row["disabled_at"] else None,
+        "created_at": row["created_at"].isoformat(),
+        "updated_at": row["updated_at"].isoformat(),
+        "rotating": row["rotating"],
+    }
+    if include_secret:
+        out["secret"] = row["secret"]
+    return out

@@ -1,0 +1,60 @@
+"""Attempt outcomes and the dispatcher's exception tree.
+
+    DispatcherError
+    ├── ConfigError            (dispatcher.config)
+    ├── SigningError           (dispatcher.signing)
+    ├── DatabaseUnavailable    the database could not be reached in time
+    └── NotFound               an id that does not exist (admin API, CLI)
+
+An HTTP attempt never raises: the sender classifies what happened into an ``AttemptResult``
+(``Verdict`` + metric ``outcome`` label) and only the claimer decides what follows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+
+class DispatcherError(Exception):
+    """Base of the dispatcher's own errors."""
+
+
+class DatabaseUnavailable(DispatcherError):
+    pass
+
+
+class NotFound(DispatcherError):
+    pass
+
+
+class Verdict(enum.Enum):
+    DELIVERED = "delivered"  # 2xx
+    RETRYABLE = "retryable"  # timeouts, connection errors, 5xx, 429, 408
+    PERMANENT = "permanent"  # other 4xx, 3xx: retried a few times, then dead
+    GONE = "gone"  # 410: disable the subscription, park its work
+    BLOCKED = "blocked"  # SSRF guard refused the destination: dead at once
+
+
+class Outcome(enum.StrEnum):
+    """The ``outcome`` label of ``dispatcher_attempts_total`` (DESIGN.md, contract 4)."""
+
+    SUCCESS = "success"
+    HTTP_4XX = "http_4xx"
+    HTTP_5XX = "http_5xx"
+    HTTP_429 = "http_429"
+    TIMEOUT = "timeout"
+    CONNECT_ERROR = "connect_error"
+    BLOCKED = "blocked"
+    OTHER = "other"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AttemptResult:
+    verdict: Verdict
+    outcome: Outcome
+    status: int | None
+    error: str | None
+    duration_seconds: float
+    retry_after_seconds: float | None = None
+    response_excerpt: str | None = None

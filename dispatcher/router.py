@@ -1,0 +1,97 @@
+"""Turns outbox rows into deliveries, and hands expired leases back to the queue.
+
+Both loops are wake-up driven with a poll as the safety net; neither sends HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+import structlog
+
+from dispatcher import claimer, metrics
+from dispatcher.db import repository
+
+log = structlog.get_logger("dispatcher.router")
+
+
+class Router:
+    def __init__(
+        self,
+        repo: repository.Repository,
+        m: metrics.Metrics,
+        *,
+        batch: int,
+        poll_interval_seconds: float,
+        on_routed: Callable[[], None],
+    ) -> None:
+        self._repo = repo
+        self._metrics = m
+        self._batch = batch
+        self._poll = poll_interval_seconds
+        self._on_routed = on_routed
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            self._wake.clear()
+            try:
+                while not stop.is_set():
+                    stats = await self._repo.route(self._batch)
+                    self._count(stats)
+                    if stats.deliveries:
+                        self._on_routed()
+                    if stats.events < self._batch:
+                        break
+            except claimer.DB_ERRORS as exc:
+                log.warning("route_failed", error=f"{type(exc).__name__}: {exc}")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._poll)
+
+    def _count(self, stats: repository.RouteStats) -> None:
+        routed = self._metrics.events_routed
+        if stats.routed:
+            routed.labels(result="routed").inc(stats.routed)
+        if stats.unmatched:
+            routed.labels(result="unmatched").inc(stats.unmatched)
+            log.info("events_unmatched", count=stats.unmatched)
+        if stats.unknown_subscription:
+            routed.labels(result="unknown_subscription").inc(stats.unknown_subscription)
+            log.warning("events_for_unknown_subscription", count=stats.unknown_subscription)
+
+
+class Reaper:
+    """Returns expired leases (a dead or stalled worker's claims) to the queue."""
+
+    def __init__(
+        self,
+        repo: repository.Repository,
+        m: metrics.Metrics,
+        *,
+        max_attempts: int,
+        interval_seconds: float,
+        on_requeued: Callable[[], None],
+    ) -> None:
+        self._repo = repo
+        self._metrics = m
+        self._max_attempts = max_attempts
+        self._interval = interval_seconds
+        self._on_requeued = on_requeued
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                got = await self._repo.reclaim_expired(self._max_attempts)
+                if got.requeued or got.dead:
+                    self._metrics.leases_reclaimed.inc(got.requeued + got.dead)
+                    log.warning("leases_reclaimed", requeued=got.requeued, dead=got.dead)
+                    self._on_requeued()
+            except claimer.DB_ERRORS as exc:
+                log.warning("reclaim_failed", error=f"{type(exc).__name__}: {exc}")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self._interval)

@@ -1,0 +1,129 @@
+"""Request signing: the ``Signer`` protocol, the built-in schemes and a registry by name.
+
+Signers are pure: they turn (message id, timestamp, body, secrets) into headers. They never
+touch the network or the database. Third-party schemes register under the
+``dispatcher.signers`` entry-point group and are then selectable per subscription by name.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import importlib.metadata
+import secrets as _secrets
+from typing import Protocol, runtime_checkable
+
+ENTRY_POINT_GROUP = "dispatcher.signers"
+SECRET_PREFIX = "whsec_"
+SECRET_BYTES = 24
+
+
+class SigningError(ValueError):
+    """A secret or signer configuration cannot produce a signature."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SigningInput:
+    """What a signer may sign. ``secrets`` lists the current secret first, then any still in
+    their rotation grace period."""
+
+    msg_id: str
+    timestamp: int
+    body: bytes
+    secrets: tuple[str, ...]
+    header_name: str | None = None
+
+    def __repr__(self) -> str:
+        return f"SigningInput(msg_id={self.msg_id!r}, timestamp={self.timestamp}, secrets=***)"
+
+
+@runtime_checkable
+class Signer(Protocol):
+    """A signature scheme. ``name`` is what subscriptions refer to."""
+
+    name: str
+
+    def headers(self, item: SigningInput) -> dict[str, str]: ...
+
+
+def generate_secret() -> str:
+    """A new Standard Webhooks secret: ``whsec_`` + base64 of 24 random bytes."""
+    return SECRET_PREFIX + base64.b64encode(_secrets.token_bytes(SECRET_BYTES)).decode()
+
+
+def secret_key_bytes(secret: str) -> bytes:
+    """The HMAC key a Standard Webhooks secret stands for (``whsec_<base64>`` → bytes).
+
+    A secret without the prefix is used as its UTF-8 bytes, so user-chosen plain secrets
+    (the body-HMAC style) still sign; receivers then verify with the same bytes."""
+    if secret.startswith(SECRET_PREFIX):
+        try:
+            return base64.b64decode(secret[len(SECRET_PREFIX) :], validate=True)
+        except ValueError as exc:
+            raise SigningError("secret has the whsec_ prefix but is not valid base64") from exc
+    return secret.encode()
+
+
+def validate_secret(secret: str) -> None:
+    """Reject secrets that would sign weakly or not at all."""
+    if len(secret) < 16:
+        raise SigningError("secret must be at least 16 characters")
+    key = secret_key_bytes(secret)
+    if len(key) < 16:
+        raise SigningError("secret key must be at least 16 bytes")
+
+
+class SignerRegistry:
+    """Signers by name: the built-ins plus whatever the entry-point group provides."""
+
+    def __init__(self, signers: dict[str, Signer] | None = None) -> None:
+        self._signers: dict[str, Signer] = dict(signers or {})
+
+    @classmethod
+    def load(cls) -> SignerRegistry:
+        """Built-ins and every installed ``dispatcher.signers`` plugin."""
+        from dispatcher.signing import body_hmac, standard  # noqa: PLC0415 (cycle)
+
+        registry = cls(
+            {
+                standard.StandardWebhooksSigner.name: standard.StandardWebhooksSigner(),
+                body_hmac.BodyHmacSigner.name: body_hmac.BodyHmacSigner(),
+            }
+        )
+        for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            if entry.name in registry._signers:
+                continue
+            factory = entry.load()
+            signer = factory()
+            if not isinstance(signer, Signer):
+                raise SigningError(f"entry point {entry.name!r} does not provide a Signer")
+            registry._signers[entry.name] = signer
+        return registry
+
+    def names(self) -> list[str]:
+        return sorted(self._signers)
+
+    def get(self, name: str) -> Signer:
+        try:
+            return self._signers[name]
+        except KeyError:
+            raise SigningError(
+                f"unknown signer {name!r}; known: {', '.join(self.names())}"
+            ) from None
+
+    def for_subscription(
+        self, signature_header: str | None, extra: tuple[str, ...]
+    ) -> tuple[Signer, ...]:
+        """Standard Webhooks always; body-HMAC when a header name is set; then any extras."""
+        names = ["standard-webhooks"]
+        if signature_header:
+            names.append("body-hmac")
+        names.extend(n for n in extra if n not in names)
+        return tuple(self.get(n) for n in names)
+
+
+def sign(signers: tuple[Signer, ...], item: SigningInput) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for signer in signers:
+        headers.update(signer.headers(item))
+    return headers

@@ -1,0 +1,130 @@
+"""Routing: fan-out by event-type filter, explicit targets, disabled and unknown subscriptions,
+idempotent event ids and routing retried after a crash."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import asyncpg
+import pytest
+
+import dispatcher
+from dispatcher.db import repository
+
+
+async def _sub(repo: repository.Repository, url: str, types: list[str], **kw: Any) -> str:
+    created = await repo.create_subscription(
+        url=url, event_types=types, secret="whsec_" + "A" * 32, **kw
+    )
+    return str(created["id"])
+
+
+async def _deliveries(pool: Any) -> set[tuple[str, str]]:
+    rows = await pool.fetch(
+        "SELECT o.event_type, d.subscription_id::text AS sub, d.state FROM webhook_deliveries d "
+        "JOIN webhook_outbox o ON o.id = d.outbox_id"
+    )
+    return {(r["event_type"], r["sub"]) for r in rows}
+
+
+async def test_fan_out_by_exact_and_prefix_filters(pool: Any) -> None:
+    repo = repository.Repository(pool)
+    exact = await _sub(repo, "http://127.0.0.1:1/a", ["order.created"])
+    prefix = await _sub(repo, "http://127.0.0.1:1/b", ["order.*"])
+    everything = await _sub(repo, "http://127.0.0.1:1/c", ["*"])
+    other = await _sub(repo, "http://127.0.0.1:1/d", ["invoice.paid", "user.*"])
+    disabled = await _sub(repo, "http://127.0.0.1:1/e", ["order.created"])
+    await repo.disable_subscription(disabled, "test")
+
+    async with pool.acquire() as conn:
+        for event_type in ("order.created", "order.shipped.late", "orders", "user.x"):
+            await dispatcher.publish(conn, event_type, {"t": event_type})
+    stats = await repo.route(100)
+
+    assert stats.events == 4
+    assert await _deliveries(pool) == {
+        ("order.created", exact),
+        ("order.created", prefix),
+        ("order.created", everything),
+        ("order.shipped.late", prefix),
+        ("order.shipped.late", everything),
+        ("orders", everything),
+        ("user.x", everything),
+        ("user.x", other),
+    }
+    assert stats.deliveries == 8
+
+
+async def test_unmatched_event_is_recorded_not_dropped(pool: Any) -> None:
+    repo = repository.Repository(pool)
+    await _sub(repo, "http://127.0.0.1:1/a", ["a.b"])
+    async with pool.acquire() as conn:
+        event_id = await dispatcher.publish(conn, "nobody.listens", {})
+    stats = await repo.route(10)
+    assert (stats.events, stats.unmatched, stats.deliveries) == (1, 1, 0)
+    row = await pool.fetchrow(
+        "SELECT route_result, routed_at FROM webhook_outbox WHERE event_id = $1", event_id
+    )
+    assert row["route_result"] == "unmatched"
+    assert row["routed_at"] is not None
+
+
+async def test_explicit_subscription_gets_exactly_one_delivery(pool: Any) -> None:
+    repo = repository.Repository(pool)
+    target = await _sub(repo, "http://127.0.0.1:1/a", ["x.*"])
+    await _sub(repo, "http://127.0.0.1:1/b", ["x.*"])
+    async with pool.acquire() as conn:
+        await dispatcher.publish(conn, "x.y", {}, subscription_id=target)
+        await dispatcher.publish(conn, "x.y", {}, subscription_id=uuid.uuid4())
+    stats = await repo.route(10)
+    assert await _deliveries(pool) == {("x.y", target)}
+    assert stats.unknown_subscription == 1
+
+
+async def test_explicit_target_that_is_disabled_is_parked(pool: Any) -> None:
+    repo = repository.Repository(pool)
+    target = await _sub(repo, "http://127.0.0.1:1/a", ["x.*"])
+    await repo.disable_subscription(target, "test")
+    async with pool.acquire() as conn:
+        await dispatcher.publish(conn, "x.y", {}, subscription_id=target)
+    await repo.route(10)
+    assert await pool.fetchval("SELECT state FROM webhook_deliveries") == "parked"
+    await repo.enable_subscription(target)
+    assert await pool.fetchval("SELECT state FROM webhook_deliveries") == "pending"
+
+
+async def test_event_id_is_an_idempotency_key(pool: Any) -> None:
+    async with pool.acquire() as conn:
+        await dispatcher.publish(conn, "a", {"n": 1}, event_id="evt-fixed")
+        with pytest.raises(asyncpg.UniqueViolationError):
+            await dispatcher.publish(conn, "a", {"n": 2}, event_id="evt-fixed")
+    assert await pool.fetchval("SELECT count(*) FROM webhook_outbox") == 1
+
+
+async def test_rerouting_never_duplicates_a_delivery(pool: Any) -> None:
+    """A router that crashed after inserting deliveries but before marking the event routed
+    (simulated by clearing routed_at) routes again without creating a second delivery."""
+    repo = repository.Repository(pool)
+    sub = await _sub(repo, "http://127.0.0.1:1/a", ["e"])
+    async with pool.acquire() as conn:
+        await dispatcher.publish(conn, "e", {})
+    await repo.route(10)
+    await pool.execute("UPDATE webhook_outbox SET routed_at = NULL, route_result = NULL")
+    stats = await repo.route(10)
+    assert stats.events == 1
+    assert stats.deliveries == 0
+    assert await _deliveries(pool) == {("e", sub)}
+    assert await pool.fetchval("SELECT count(*) FROM webhook_deliveries") == 1
+
+
+async def test_rolled_back_transaction_publishes_nothing(pool: Any) -> None:
+    async def business_change(conn: Any) -> None:
+        async with conn.transaction():
+            await dispatcher.publish(conn, "a", {"n": 1})
+            raise RuntimeError("business change failed")
+
+    async with pool.acquire() as conn:
+        with pytest.raises(RuntimeError):
+            await business_change(conn)
+    assert await pool.fetchval("SELECT count(*) FROM webhook_outbox") == 0

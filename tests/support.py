@@ -1,0 +1,154 @@
+"""Test helpers shared by every suite: waiting with a deadline, DSN surgery, a real receiver.
+
+Nothing here sleeps to wait for a condition: ``wait_for`` polls a predicate until a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def wait_for(
+    predicate: Callable[[], Any] | Callable[[], Awaitable[Any]],
+    *,
+    timeout: float = 10.0,
+    interval: float = 0.02,
+    message: str = "condition",
+) -> Any:
+    """Poll ``predicate`` (sync or async) until it returns something truthy, or fail."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        await asyncio.sleep(interval)  # poll interval, not a wait for the condition itself
+
+
+def with_database(dsn: str, name: str) -> str:
+    """The same server, another database."""
+    parts = urllib.parse.urlsplit(dsn)
+    return urllib.parse.urlunsplit(parts._replace(path="/" + name))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclasses.dataclass
+class Received:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    at: float
+    status: int
+
+
+class Receiver:
+    """A real aiohttp server on 127.0.0.1 that records requests and answers per a script.
+
+    ``respond(request_number, headers, body) -> (status, headers, delay_seconds)`` decides each
+    answer; it defaults to 200. Concurrency is tracked so limits can be asserted."""
+
+    def __init__(self) -> None:
+        self.requests: list[Received] = []
+        self.concurrent = 0
+        self.max_concurrent = 0
+        self.respond: Callable[[int, dict[str, str], bytes], tuple[int, dict[str, str], float]] = (
+            lambda _n, _h, _b: (200, {}, 0.0)
+        )
+        self.release = asyncio.Event()
+        self.release.set()
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hook"
+
+    async def start(self) -> Receiver:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        self.concurrent += 1
+        self.max_concurrent = max(self.max_concurrent, self.concurrent)
+        try:
+            number = len(self.requests)
+            status, extra, delay = self.respond(number, headers, body)
+            self.requests.append(Received(request.path, headers, body, time.time(), status))
+            await self.release.wait()
+            if delay:
+                await asyncio.sleep(delay)  # simulated slow receiver, part of the scenario
+            return web.Response(status=status, headers=extra, text="ok" if status < 300 else "no")
+        finally:
+            self.concurrent -= 1
+
+    def ids(self) -> list[str]:
+        return [r.headers.get("webhook-id", "") for r in self.requests]
+
+    def ok(self) -> list[Received]:
+        return [r for r in self.requests if 200 <= r.status < 300]
+
+
+def spawn_dispatcher(
+    dsn: str,
+    *,
+    extra_env: dict[str, str] | None = None,
+    args: Sequence[str] = ("run",),
+    log_path: Path | None = None,
+) -> subprocess.Popen[bytes]:
+    """The real CLI as a subprocess (``python -m dispatcher``)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCHER_")}
+    env.update(
+        {
+            "DATABASE_URL": dsn,
+            "DISPATCHER_LISTEN": "127.0.0.1:0",
+            "DISPATCHER_POLL_INTERVAL": "0.05",
+            "DISPATCHER_RETRY_BASE": "0.01",
+            "DISPATCHER_RETRY_CAP": "0.05",
+            "DISPATCHER_ALLOW_CIDRS": "127.0.0.1/32",
+            "DISPATCHER_LOG_FORMAT": "json",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.update(extra_env or {})
+    out = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115
+    return subprocess.Popen(
+        [sys.executable, "-m", "dispatcher", *args],
+        env=env,
+        cwd=ROOT,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+    )
