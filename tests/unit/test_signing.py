@@ -1,0 +1,119 @@
+"""Signers checked by independent verifiers, secret handling, and the plugin registry."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import sys
+import textwrap
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import standardwebhooks
+
+from dispatcher import signing
+from dispatcher.signing import body_hmac, standard
+
+
+def _item(secrets: tuple[str, ...], header: str | None = None) -> signing.SigningInput:
+    return signing.SigningInput(
+        msg_id="msg_1",
+        timestamp=int(datetime.now(UTC).timestamp()),
+        body=b'{"event": "x", "n": 1}',
+        secrets=secrets,
+        header_name=header,
+    )
+
+
+def test_standard_webhooks_verified_by_the_public_library() -> None:
+    secret = signing.generate_secret()
+    item = _item((secret,))
+    headers = standard.StandardWebhooksSigner().headers(item)
+    payload = standardwebhooks.Webhook(secret).verify(item.body, headers)
+    assert payload == {"event": "x", "n": 1}
+
+
+def test_each_secret_in_rotation_verifies_alone() -> None:
+    new, old = signing.generate_secret(), signing.generate_secret()
+    item = _item((new, old))
+    headers = standard.StandardWebhooksSigner().headers(item)
+    assert len(headers["webhook-signature"].split(" ")) == 2
+    for secret in (new, old):
+        standardwebhooks.Webhook(secret).verify(item.body, headers)
+    with pytest.raises(standardwebhooks.webhooks.WebhookVerificationError):
+        standardwebhooks.Webhook(signing.generate_secret()).verify(item.body, headers)
+
+
+def test_body_hmac_matches_the_seed_receiver_snippet() -> None:
+    secret = signing.generate_secret()
+    item = _item((secret,), header="X-AgentX-Signature")
+    headers = body_hmac.BodyHmacSigner().headers(item)
+    expected = hmac.new(secret.encode("utf-8"), item.body, hashlib.sha256).hexdigest()
+    value = headers["X-AgentX-Signature"]
+    assert value.startswith("sha256=")
+    assert hmac.compare_digest(value[len("sha256=") :], expected)
+
+
+def test_body_hmac_needs_a_header_name() -> None:
+    with pytest.raises(signing.SigningError):
+        body_hmac.BodyHmacSigner().headers(_item((signing.generate_secret(),)))
+
+
+def test_generated_secrets_are_whsec_with_24_random_bytes() -> None:
+    a, b = signing.generate_secret(), signing.generate_secret()
+    assert a != b
+    assert a.startswith("whsec_")
+    assert len(signing.secret_key_bytes(a)) == 24
+
+
+@pytest.mark.parametrize("bad", ["short", "whsec_not*base64!!!!!!!!", "whsec_AAAA"])
+def test_weak_or_malformed_secrets_are_rejected(bad: str) -> None:
+    with pytest.raises(signing.SigningError):
+        signing.validate_secret(bad)
+
+
+def test_signing_input_repr_hides_secrets() -> None:
+    secret = signing.generate_secret()
+    assert secret not in repr(_item((secret,)))
+
+
+def test_registry_selection_per_subscription() -> None:
+    registry = signing.SignerRegistry.load()
+    assert [s.name for s in registry.for_subscription(None, ())] == ["standard-webhooks"]
+    assert [s.name for s in registry.for_subscription("X-Sig", ())] == [
+        "standard-webhooks",
+        "body-hmac",
+    ]
+    with pytest.raises(signing.SigningError, match="unknown signer"):
+        registry.for_subscription(None, ("nope",))
+
+
+def test_third_party_signer_registers_through_an_entry_point(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plugin distribution on sys.path with a ``dispatcher.signers`` entry point is picked up
+    by name without touching dispatcher's code."""
+    (tmp_path / "acme_signer.py").write_text(
+        textwrap.dedent("""
+        import hashlib
+
+        class AcmeSigner:
+            name = "acme"
+
+            def headers(self, item):
+                return {"X-Acme-Digest": hashlib.sha256(item.body).hexdigest()}
+    """)
+    )
+    dist = tmp_path / "acme_signer-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: acme-signer\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[dispatcher.signers]\nacme = acme_signer:AcmeSigner\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry = signing.SignerRegistry.load()
+    assert "acme" in registry.names()
+    signers = registry.for_subscription(None, ("acme",))
+    headers = signing.sign(signers, _item((signing.generate_secret(),)))
+    assert headers["X-Acme-Digest"] == hashlib.sha256(b'{"event": "x", "n": 1}').hexdigest()
+    assert "webhook-signature" in headers
+    sys.modules.pop("acme_signer", None)
