@@ -21,6 +21,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 GENERATOR = ROOT / "grafana" / "generate.py"
@@ -105,109 +106,12 @@ def _promtool(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-class _MiniYaml:
-    """Reads the block-style YAML subset the Prometheus files are written in.
-
-    The project has no YAML library and two small files do not justify one. Supported:
-    block mappings and sequences, quoted and plain scalars (all kept as strings), flow lists
-    of scalars, ``|``/``>`` block scalars, comments. Anything else raises, so a test never
-    passes on a misread file.
-    """
-
-    def __init__(self, text: str) -> None:
-        self.lines = text.splitlines()
-        self.pos = 0
-
-    def _peek(self) -> tuple[int, str] | None:
-        while self.pos < len(self.lines):
-            raw = self.lines[self.pos]
-            content = raw.strip()
-            if content and not content.startswith("#"):
-                if "\t" in raw[: len(raw) - len(raw.lstrip())]:
-                    raise ValueError(f"line {self.pos + 1}: tab indentation")
-                return len(raw) - len(raw.lstrip(" ")), content
-            self.pos += 1
-        return None
-
-    def load(self) -> Any:
-        node = self._node(0)
-        if self._peek() is not None:
-            raise ValueError(f"line {self.pos + 1}: unexpected indentation")
-        return node
-
-    def _node(self, indent: int) -> Any:
-        head = self._peek()
-        if head is None or head[0] < indent:
-            return None
-        if head[1] == "-" or head[1].startswith("- "):
-            return self._sequence(head[0])
-        return self._mapping(head[0])
-
-    def _sequence(self, indent: int) -> list[Any]:
-        items: list[Any] = []
-        while (head := self._peek()) and head[0] == indent and head[1][:2] in ("-", "- "):
-            # Turn the dash into indentation so the item's first line joins its block.
-            self.lines[self.pos] = self.lines[self.pos].replace("-", " ", 1)
-            items.append(self._node(indent + 1))
-        return items
-
-    def _mapping(self, indent: int) -> Any:
-        mapping: dict[str, Any] = {}
-        while (head := self._peek()) and head[0] == indent:
-            key, colon, rest = head[1].partition(":")
-            if not colon or (rest and not rest.startswith(" ")):
-                if mapping:
-                    raise ValueError(f"line {self.pos + 1}: expected `key: value`")
-                self.pos += 1
-                return self._scalar(head[1])  # a scalar sequence item
-            self.pos += 1
-            rest = rest.strip()
-            if rest in ("|", "|-", ">", ">-"):
-                mapping[key] = self._block_scalar(indent, rest)
-            elif rest:
-                mapping[key] = self._scalar(rest)
-            else:
-                child = self._peek()
-                nested = child is not None and (
-                    child[0] > indent or (child[0] == indent and child[1].startswith("- "))
-                )
-                mapping[key] = self._node(child[0]) if nested and child else None
-        return mapping
-
-    def _block_scalar(self, indent: int, style: str) -> str:
-        body: list[str] = []
-        while self.pos < len(self.lines):
-            raw = self.lines[self.pos]
-            if raw.strip() and len(raw) - len(raw.lstrip(" ")) <= indent:
-                break
-            body.append(raw)
-            self.pos += 1
-        while body and not body[-1].strip():
-            body.pop()
-        margin = min(len(line) - len(line.lstrip(" ")) for line in body if line.strip())
-        lines = [line[margin:] for line in body]
-        text = "\n".join(lines) if style.startswith("|") else " ".join(lines)
-        return text if style.endswith("-") else text + "\n"
-
-    def _scalar(self, text: str) -> Any:
-        if text.startswith("'") and text.endswith("'") and len(text) > 1:
-            return text[1:-1].replace("''", "'")
-        if text.startswith('"'):
-            return json.loads(text)  # YAML's double-quoted escapes we use are JSON's
-        if text.startswith("[") and text.endswith("]"):
-            inner = text[1:-1].strip()
-            return [self._scalar(part.strip()) for part in inner.split(",")] if inner else []
-        if text[0] in "{&*!|>%@`":
-            raise ValueError(f"line {self.pos}: unsupported YAML: {text}")
-        return text.split(" #", 1)[0].rstrip()
-
-
-def _yaml(name: str) -> Any:
-    return _MiniYaml((PROMETHEUS_DIR / name).read_text(encoding="utf-8")).load()
+def _yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
 
 
 def _alert_rules() -> list[dict[str, Any]]:
-    groups = _yaml("alerts.yml")["groups"]
+    groups = _yaml(PROMETHEUS_DIR / "alerts.yml")["groups"]
     return [rule for group in groups for rule in group["rules"] if "alert" in rule]
 
 
@@ -342,7 +246,7 @@ def test_promtool(args: tuple[str, ...]) -> None:
 
 
 def test_prometheus_config_scrapes_the_dispatcher() -> None:
-    config = _yaml("prometheus.yml")
+    config = _yaml(PROMETHEUS_DIR / "prometheus.yml")
     assert config["rule_files"] == ["alerts.yml"]
     assert config["global"]["scrape_interval"] == "15s"
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
@@ -370,7 +274,7 @@ def test_every_alert_is_documented() -> None:
 
 
 def test_every_alert_is_tested_firing_and_silent() -> None:
-    suite = _yaml("alerts_test.yml")
+    suite = _yaml(PROMETHEUS_DIR / "alerts_test.yml")
     assert suite["rule_files"] == ["alerts.yml"]
     firing: set[str] = set()
     silent: set[str] = set()
@@ -385,11 +289,11 @@ def test_every_alert_is_tested_firing_and_silent() -> None:
 
 def test_grafana_provisioning_points_at_prometheus_and_the_dashboards() -> None:
     provisioning = ROOT / "grafana" / "provisioning"
-    datasources = _MiniYaml((provisioning / "datasources" / "prometheus.yaml").read_text()).load()
+    datasources = _yaml(provisioning / "datasources" / "prometheus.yaml")
     (datasource,) = datasources["datasources"]
     assert (datasource["type"], datasource["uid"]) == ("prometheus", "prometheus")
     assert datasource["url"] == "http://prometheus:9090"
-    providers = _MiniYaml((provisioning / "dashboards" / "dispatcher.yaml").read_text()).load()
+    providers = _yaml(provisioning / "dashboards" / "dispatcher.yaml")
     (provider,) = providers["providers"]
     assert provider["type"] == "file"
     assert provider["options"]["path"] == "/var/lib/grafana/dashboards"
