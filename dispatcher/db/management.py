@@ -1,0 +1,525 @@
+"""SQL for the management operations the admin API and the CLI share (one implementation).
+
+Takes values that are already validated (``dispatcher.api`` validates) and returns plain
+dicts in the shape the API serves. Unknown ids raise ``NotFound``; operations that do not
+fit the current state raise ``Conflict``. The delivery-core SQL and the basic subscription
+statements stay in ``repository``; this module reuses them. No HTTP, no argument parsing,
+and never a secret in a listing: secrets come back only from create and rotate.
+
+Listings use keyset pagination (``WHERE key < cursor ORDER BY key DESC``): a page never
+repeats or skips a row that existed when the traversal started, however many rows arrive
+meanwhile. The caller encodes the returned key as an opaque cursor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import orjson
+
+from dispatcher import producer
+from dispatcher.db import repository
+
+TEST_EVENT_TYPE = "dispatcher.test"
+# Deliveries a manual retry may requeue; in_flight is on the wire and parked waits for its
+# subscription to be enabled again.
+RETRYABLE_STATES = ("pending", "retrying", "dead", "delivered", "cancelled")
+CANCELLABLE_STATES = ("pending", "retrying", "parked")
+
+
+class ManagementError(Exception):
+    """An operation the caller asked for cannot be done; ``code`` is machine-readable."""
+
+    code = "error"
+
+    def __init__(self, detail: str, *, code: str | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        if code is not None:
+            self.code = code
+
+
+class NotFound(ManagementError):
+    code = "not_found"
+
+
+class Conflict(ManagementError):
+    code = "conflict"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Page:
+    items: list[dict[str, Any]]
+    # The key of the last item when more may follow, else None.
+    next_key: tuple[Any, ...] | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DeliveryFilter:
+    subscription_id: uuid.UUID | None = None
+    state: str | None = None
+    event_type: str | None = None
+    created_after: datetime.datetime | None = None
+    created_before: datetime.datetime | None = None
+
+
+# Columns a subscription update may set → SQL cast. Fixed names only: never user input.
+_UPDATABLE: dict[str, str] = {
+    "url": "",
+    "event_types": "",
+    "headers": "::jsonb",
+    "signature_header": "",
+    "signers": "",
+    "max_in_flight": "",
+    "rate_limit_per_second": "",
+    "retry_policy": "::jsonb",
+    "description": "",
+    "metadata": "::jsonb",
+}
+_JSON_COLUMNS = frozenset({"headers", "retry_policy", "metadata"})
+
+_DELIVERY_COLUMNS = """
+    d.id, d.subscription_id, d.state, d.attempt, d.next_attempt_at, d.last_status, d.last_error,
+    d.ordering_key, d.manual_replay, d.event_created_at, d.created_at, d.updated_at,
+    d.finished_at, o.event_id, o.event_type
+"""
+
+
+def _iso(value: datetime.datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def delivery_dict(row: Any) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "event_id": row["event_id"],
+        "event_type": row["event_type"],
+        "subscription_id": str(row["subscription_id"]),
+        "state": row["state"],
+        "attempts": row["attempt"],
+        "next_attempt_at": _iso(row["next_attempt_at"])
+        if row["state"] in ("pending", "retrying")
+        else None,
+        "last_status": row["last_status"],
+        "last_error": row["last_error"],
+        "ordering_key": row["ordering_key"],
+        "manual_retry_pending": row["manual_replay"],
+        "event_created_at": _iso(row["event_created_at"]),
+        "created_at": _iso(row["created_at"]),
+        "updated_at": _iso(row["updated_at"]),
+        "finished_at": _iso(row["finished_at"]),
+    }
+
+
+def attempt_dict(row: Any) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "attempt": row["attempt"],
+        "manual": row["manual"],
+        "started_at": _iso(row["started_at"]),
+        "duration_ms": row["duration_ms"],
+        "outcome": row["outcome"],
+        "status_code": row["status_code"],
+        "error": row["error"],
+        "response_body": row["response_body"],
+        "worker": row["worker"],
+        "applied": row["applied"],
+    }
+
+
+def event_dict(row: Any) -> dict[str, Any]:
+    return {
+        "event_id": row["event_id"],
+        "event_type": row["event_type"],
+        "payload": orjson.loads(row["payload"]),
+        "subscription_id": str(row["subscription_id"]) if row["subscription_id"] else None,
+        "ordering_key": row["ordering_key"],
+        "created_at": _iso(row["created_at"]),
+        "routed_at": _iso(row["routed_at"]),
+        "route_result": row["route_result"],
+        "delivery_count": row["delivery_count"],
+    }
+
+
+class Management:
+    """Management operations over an asyncpg pool; ``repo`` supplies the shared statements."""
+
+    def __init__(self, pool: Any, repo: repository.Repository | None = None) -> None:
+        self.pool = pool
+        self.repo = repo or repository.Repository(pool)
+
+    # -- subscriptions ---------------------------------------------------------------------
+
+    async def create_subscription(self, spec: Mapping[str, Any]) -> dict[str, Any]:
+        """``spec`` is a validated create request; the result includes the secret."""
+        return await self.repo.create_subscription(**spec)
+
+    async def list_subscriptions(
+        self,
+        *,
+        limit: int,
+        after: tuple[datetime.datetime, uuid.UUID] | None = None,
+        enabled: bool | None = None,
+        event_type: str | None = None,
+    ) -> Page:
+        # Oldest first on (created_at, id); plain read, no locks.
+        rows = await self.pool.fetch(
+            f"""
+            SELECT {repository.SUBSCRIPTION_COLUMNS}
+            FROM webhook_subscriptions
+            WHERE ($1::timestamptz IS NULL OR (created_at, id) > ($1, $2::uuid))
+              AND ($3::boolean IS NULL OR enabled = $3)
+              AND ($4::text IS NULL OR $4 = ANY (event_types))
+            ORDER BY created_at, id
+            LIMIT $5
+            """,
+            after[0] if after else None,
+            after[1] if after else None,
+            enabled,
+            event_type,
+            limit + 1,
+        )
+        items = [repository.subscription_dict(r) for r in rows[:limit]]
+        more = len(rows) > limit
+        last = rows[limit - 1] if more else None
+        return Page(items, (last["created_at"], last["id"]) if last is not None else None)
+
+    async def get_subscription(self, subscription_id: uuid.UUID) -> dict[str, Any]:
+        found = await self.repo.get_subscription(str(subscription_id))
+        if found is None:
+            raise NotFound(f"subscription {subscription_id} does not exist")
+        return found
+
+    async def update_subscription(
+        self, subscription_id: uuid.UUID, changes: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """Set the given columns in one statement (all or nothing)."""
+        if not changes:
+            return await self.get_subscription(subscription_id)
+        sets = []
+        args: list[Any] = [subscription_id]
+        for column, value in changes.items():
+            cast = _UPDATABLE[column]
+            args.append(orjson.dumps(value).decode() if column in _JSON_COLUMNS else value)
+            sets.append(f"{column} = ${len(args)}{cast}")
+        if "rate_limit_per_second" in changes:
+            # A new limit starts from a full bucket.
+            sets.append("rate_tokens = NULL, rate_refilled_at = NULL")
+        # Row lock (UPDATE) waits for a claim in progress on this subscription.
+        row = await self.pool.fetchrow(
+            f"""
+            UPDATE webhook_subscriptions SET {", ".join(sets)}, updated_at = now()
+            WHERE id = $1
+            RETURNING {repository.SUBSCRIPTION_COLUMNS}
+            """,
+            *args,
+        )
+        if row is None:
+            raise NotFound(f"subscription {subscription_id} does not exist")
+        return repository.subscription_dict(row)
+
+    async def enable_subscription(self, subscription_id: uuid.UUID) -> dict[str, Any]:
+        await self.get_subscription(subscription_id)
+        await self.repo.enable_subscription(str(subscription_id))
+        return await self.get_subscription(subscription_id)
+
+    async def disable_subscription(self, subscription_id: uuid.UUID, reason: str) -> dict[str, Any]:
+        await self.get_subscription(subscription_id)
+        await self.repo.disable_subscription(str(subscription_id), reason)
+        return await self.get_subscription(subscription_id)
+
+    async def delete_subscription(self, subscription_id: uuid.UUID) -> None:
+        # Deliveries and attempts go with it (ON DELETE CASCADE); an ack arriving for a
+        # deleted delivery is dropped by the ack statement.
+        deleted = await self.pool.fetchval(
+            "DELETE FROM webhook_subscriptions WHERE id = $1 RETURNING id", subscription_id
+        )
+        if deleted is None:
+            raise NotFound(f"subscription {subscription_id} does not exist")
+
+    async def rotate_secret(
+        self, subscription_id: uuid.UUID, new_secret: str, grace_seconds: float
+    ) -> dict[str, Any]:
+        """The current secret keeps signing (alongside the new one) for ``grace_seconds``.
+        A rotation during a grace period drops the oldest secret."""
+        # Row lock (UPDATE): a claim in progress finishes with the old pair first. The old
+        # value moves over as stored (sealed or not).
+        row = await self.pool.fetchrow(
+            f"""
+            UPDATE webhook_subscriptions
+            SET previous_secret = CASE WHEN $3 > 0 THEN secret END,
+                previous_secret_until = CASE WHEN $3 > 0
+                                             THEN now() + make_interval(secs => $3) END,
+                secret = $2,
+                updated_at = now()
+            WHERE id = $1
+            RETURNING {repository.SUBSCRIPTION_COLUMNS}
+            """,
+            subscription_id,
+            # Stored sealed when DISPATCHER_SECRET_KEYS is set; shown to the caller in clear.
+            self.repo.box.seal(new_secret),
+            float(grace_seconds),
+        )
+        if row is None:
+            raise NotFound(f"subscription {subscription_id} does not exist")
+        return {**repository.subscription_dict(row), "secret": new_secret}
+
+    async def send_test_event(
+        self, subscription_id: uuid.UUID, payload: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """Publish a ``dispatcher.test`` event addressed to this subscription only."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            # FOR SHARE: the subscription cannot be disabled or deleted until we commit.
+            enabled = await conn.fetchval(
+                "SELECT enabled FROM webhook_subscriptions WHERE id = $1 FOR SHARE",
+                subscription_id,
+            )
+            if enabled is None:
+                raise NotFound(f"subscription {subscription_id} does not exist")
+            if not enabled:
+                raise Conflict(
+                    f"subscription {subscription_id} is disabled; enable it first",
+                    code="subscription_disabled",
+                )
+            event_id = await producer.publish(
+                conn, TEST_EVENT_TYPE, dict(payload), subscription_id=subscription_id
+            )
+        return {"event_id": event_id, "event_type": TEST_EVENT_TYPE}
+
+    # -- deliveries ------------------------------------------------------------------------
+
+    async def list_deliveries(
+        self, filters: DeliveryFilter, *, limit: int, before_id: int | None = None
+    ) -> Page:
+        # Newest first, keyset on id; plain read.
+        f = filters
+        rows = await self.pool.fetch(
+            f"""
+            SELECT {_DELIVERY_COLUMNS}
+            FROM webhook_deliveries d
+            JOIN webhook_outbox o ON o.id = d.outbox_id
+            WHERE ($1::bigint IS NULL OR d.id < $1)
+              AND ($2::uuid IS NULL OR d.subscription_id = $2)
+              AND ($3::text IS NULL OR d.state = $3)
+              AND ($4::text IS NULL OR o.event_type = $4)
+              AND ($5::timestamptz IS NULL OR d.created_at >= $5)
+              AND ($6::timestamptz IS NULL OR d.created_at < $6)
+            ORDER BY d.id DESC
+            LIMIT $7
+            """,
+            before_id,
+            f.subscription_id,
+            f.state,
+            f.event_type,
+            f.created_after,
+            f.created_before,
+            limit + 1,
+        )
+        items = [delivery_dict(r) for r in rows[:limit]]
+        more = len(rows) > limit
+        return Page(items, (rows[limit - 1]["id"],) if more else None)
+
+    async def get_delivery(self, delivery_id: int) -> dict[str, Any]:
+        row = await self.pool.fetchrow(
+            f"""
+            SELECT {_DELIVERY_COLUMNS}, o.payload::text AS payload
+            FROM webhook_deliveries d JOIN webhook_outbox o ON o.id = d.outbox_id
+            WHERE d.id = $1
+            """,
+            delivery_id,
+        )
+        if row is None:
+            raise NotFound(f"delivery {delivery_id} does not exist")
+        attempts = await self.pool.fetch(
+            """
+            SELECT id, attempt, manual, started_at, duration_ms, outcome, status_code, error,
+                   response_body, worker, applied
+            FROM webhook_attempts WHERE delivery_id = $1 ORDER BY id
+            """,
+            delivery_id,
+        )
+        out = delivery_dict(row)
+        out["payload"] = orjson.loads(row["payload"])
+        out["attempt_log"] = [attempt_dict(a) for a in attempts]
+        return out
+
+    async def retry_delivery(self, delivery_id: int) -> dict[str, Any]:
+        """Queue one delivery for an attempt now, recorded as manual. Keeps its webhook-id
+        (the event id); the attempt gets a fresh timestamp and signature when sent."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            # FOR UPDATE waits for an ack or a claim on this row; then we judge its state.
+            row = await conn.fetchrow(
+                """
+                SELECT d.state, s.enabled
+                FROM webhook_deliveries d JOIN webhook_subscriptions s ON s.id = d.subscription_id
+                WHERE d.id = $1
+                FOR UPDATE OF d
+                """,
+                delivery_id,
+            )
+            if row is None:
+                raise NotFound(f"delivery {delivery_id} does not exist")
+            if not row["enabled"] or row["state"] == "parked":
+                raise Conflict(
+                    "the delivery's subscription is disabled; enable it first",
+                    code="subscription_disabled",
+                )
+            if row["state"] not in RETRYABLE_STATES:
+                raise Conflict(
+                    f"delivery {delivery_id} is {row['state']}; wait for the attempt to finish",
+                    code="delivery_in_flight",
+                )
+            await conn.execute(_REQUEUE_SQL, [delivery_id])
+            await conn.execute("SELECT pg_notify($1, '')", repository.WORK_CHANNEL)
+        return await self.get_delivery(delivery_id)
+
+    async def retry_dead(
+        self,
+        subscription_id: uuid.UUID,
+        since: datetime.datetime,
+        *,
+        batch: int = 500,
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> dict[str, Any]:
+        """Requeue, as manual attempts, the subscription's deliveries that died at or after
+        ``since``. Works in batches (each its own transaction) over the ids that were dead
+        when it started, so a replay that dies again is not picked up a second time.
+        ``on_progress(done, total)`` is called after each batch."""
+        async with self.pool.acquire() as conn:
+            enabled = await conn.fetchval(
+                "SELECT enabled FROM webhook_subscriptions WHERE id = $1", subscription_id
+            )
+            if enabled is None:
+                raise NotFound(f"subscription {subscription_id} does not exist")
+            if not enabled:
+                raise Conflict(
+                    f"subscription {subscription_id} is disabled; enable it first",
+                    code="subscription_disabled",
+                )
+            # Snapshot of the work: its size (for progress) and its upper id bound.
+            bounds = await conn.fetchrow(
+                """
+                SELECT count(*) AS total, max(id) AS last_id FROM webhook_deliveries
+                WHERE subscription_id = $1 AND state = 'dead' AND finished_at >= $2
+                """,
+                subscription_id,
+                since,
+            )
+            total, last_id = int(bounds["total"]), bounds["last_id"]
+            done, after = 0, 0
+            while last_id is not None and after < last_id:
+                async with conn.transaction():
+                    # SKIP LOCKED: a row an ack holds right now is not dead anyway.
+                    ids = await conn.fetchval(
+                        """
+                        SELECT coalesce(array_agg(id ORDER BY id), '{}') FROM (
+                            SELECT id FROM webhook_deliveries
+                            WHERE subscription_id = $1 AND state = 'dead' AND finished_at >= $2
+                              AND id > $3 AND id <= $4
+                            ORDER BY id LIMIT $5
+                            FOR UPDATE SKIP LOCKED
+                        ) x
+                        """,
+                        subscription_id,
+                        since,
+                        after,
+                        last_id,
+                        batch,
+                    )
+                    if not ids:
+                        break
+                    await conn.execute(_REQUEUE_SQL, ids)
+                    await conn.execute("SELECT pg_notify($1, '')", repository.WORK_CHANNEL)
+                done += len(ids)
+                after = ids[-1]
+                if on_progress is not None:
+                    on_progress(done, total)
+        return {
+            "subscription_id": str(subscription_id),
+            "since": since.isoformat(),
+            "retried": done,
+        }
+
+    async def cancel_delivery(self, delivery_id: int) -> dict[str, Any]:
+        # Row lock (UPDATE) waits for a claim or ack in progress, then re-checks the state.
+        updated = await self.pool.fetchval(
+            """
+            UPDATE webhook_deliveries
+            SET state = 'cancelled', finished_at = now(), manual_replay = false,
+                updated_at = now()
+            WHERE id = $1 AND state = ANY ($2::text[])
+            RETURNING id
+            """,
+            delivery_id,
+            list(CANCELLABLE_STATES),
+        )
+        if updated is None:
+            state = await self.pool.fetchval(
+                "SELECT state FROM webhook_deliveries WHERE id = $1", delivery_id
+            )
+            if state is None:
+                raise NotFound(f"delivery {delivery_id} does not exist")
+            raise Conflict(
+                f"delivery {delivery_id} is {state}; only pending, retrying or parked "
+                "deliveries can be cancelled",
+                code="delivery_not_cancellable",
+            )
+        return await self.get_delivery(delivery_id)
+
+    # -- events ----------------------------------------------------------------------------
+
+    async def get_event(self, event_id: str) -> dict[str, Any]:
+        row = await self.pool.fetchrow(
+            """
+            SELECT id, event_id, event_type, payload::text AS payload, subscription_id,
+                   ordering_key, created_at, routed_at, route_result, delivery_count
+            FROM webhook_outbox WHERE event_id = $1
+            """,
+            event_id,
+        )
+        if row is None:
+            raise NotFound(f"event {event_id} does not exist")
+        deliveries = await self.pool.fetch(
+            f"""
+            SELECT {_DELIVERY_COLUMNS}
+            FROM webhook_deliveries d JOIN webhook_outbox o ON o.id = d.outbox_id
+            WHERE d.outbox_id = $1 ORDER BY d.id
+            """,
+            row["id"],
+        )
+        out = event_dict(row)
+        out["deliveries"] = [delivery_dict(d) for d in deliveries]
+        return out
+
+    async def list_unrouted_events(self, *, limit: int, before_id: int | None = None) -> Page:
+        """Events that reached no subscription (route_result other than 'routed'), newest
+        first. Uses the partial index from 001."""
+        rows = await self.pool.fetch(
+            """
+            SELECT id, event_id, event_type, payload::text AS payload, subscription_id,
+                   ordering_key, created_at, routed_at, route_result, delivery_count
+            FROM webhook_outbox
+            WHERE route_result <> 'routed' AND ($1::bigint IS NULL OR id < $1)
+            ORDER BY id DESC
+            LIMIT $2
+            """,
+            before_id,
+            limit + 1,
+        )
+        items = [event_dict(r) for r in rows[:limit]]
+        more = len(rows) > limit
+        return Page(items, (rows[limit - 1]["id"],) if more else None)
+
+
+_REQUEUE_SQL = """
+-- Callers hold the row locks. The attempt counter is kept, so a replay of a delivery that
+-- used up its attempts gets exactly one try before it is dead again.
+UPDATE webhook_deliveries
+SET state = 'pending', next_attempt_at = now(), manual_replay = true, finished_at = NULL,
+    updated_at = now()
+WHERE id = ANY ($1::bigint[])
+"""
