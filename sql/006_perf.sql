@@ -1,0 +1,136 @@
+-- 006: plan fixes for the claim, found by profiling `dispatcher bench`.
+-- Append-only: never edit a migration that has shipped; add the next number instead.
+--
+-- The claim below is copied verbatim from the latest definition (sql/005_reliability.sql)
+-- with these changes only — same signature, result columns, locks and guarantees:
+--   1. Step 1's "has due work" test is a scalar subquery (ORDER BY next_attempt_at LIMIT 1)
+--      instead of EXISTS. The planner pulled the EXISTS up into a hash semi-join that read
+--      every queued row of webhook_deliveries (a sequential scan + HashAggregate: ~10 ms at
+--      20 k queued rows, growing with the backlog) on every claim; a bare LIMIT 1 became a
+--      sequential scan that must skip every finished row before the first queued one. The
+--      ORDER BY matches webhook_deliveries_due, so it is one index probe per subscription
+--      whatever the queue size or the number of finished rows.
+--   2. The claiming UPDATE finds its rows by `d.id = ANY (ARRAY(SELECT id FROM picked))`
+--      instead of joining the `picked` CTE. The planner cannot estimate a locking CTE and
+--      chose a hash join over a sequential scan of webhook_deliveries (~10 ms at 20 k rows,
+--      ~0.5 s at 1 M); the array form is a primary-key probe per claimed row.
+--   3. `manual` is read from the updated row (d.manual_replay, which the UPDATE does not
+--      change) since `picked` is no longer joined.
+--   4. `SET plan_cache_mode = force_generic_plan` on the function. plpgsql kept choosing a
+--      custom plan, so every call re-planned both statements (~2.5 ms of planning, the
+--      largest fixed cost of a claim: a 5-row claim cost ~1.2 ms of database time per row,
+--      ~0.5 ms with this). Changes 1 and 2 make the plan shape independent of the
+--      parameter values, so the generic plan is the same plan.
+-- Step 1's subscription locks (max_in_flight across replicas), the ordering_key test, the
+-- token bucket, the paused_until skip and the fencing token are untouched.
+
+CREATE OR REPLACE FUNCTION dispatcher_claim(p_worker text, p_limit integer, p_lease_seconds double precision)
+RETURNS TABLE (
+    delivery_id bigint, lease_token bigint, attempt integer, subscription_id uuid, url text,
+    event_id text, event_type text, body text, secret text, previous_secret text,
+    signature_header text, signers text[], headers text, event_created_at double precision,
+    ordering_key text, manual boolean
+) LANGUAGE plpgsql
+-- Change 4: plan once per connection, not on every call.
+SET plan_cache_mode = force_generic_plan
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_subs uuid[];
+    v_caps integer[];
+    v_now timestamptz;
+BEGIN
+    SELECT array_agg(x.id), array_agg(x.max_in_flight) INTO v_subs, v_caps
+    FROM (
+        SELECT s.id, s.max_in_flight
+        FROM webhook_subscriptions s
+        WHERE s.enabled
+          AND (s.paused_until IS NULL OR s.paused_until <= now())
+          AND (s.rate_limit_per_second IS NULL
+               OR dispatcher_bucket_tokens(s.rate_limit_per_second, s.rate_tokens,
+                                           s.rate_refilled_at, clock_timestamp()) >= 1)
+          AND (SELECT true FROM webhook_deliveries d
+               WHERE d.subscription_id = s.id AND d.state IN ('pending', 'retrying')
+                 AND d.next_attempt_at <= now()
+               ORDER BY d.next_attempt_at
+               LIMIT 1)
+          AND (SELECT count(*) FROM webhook_deliveries f
+               WHERE f.subscription_id = s.id AND f.state = 'in_flight') < s.max_in_flight
+        ORDER BY random()
+        LIMIT p_limit
+        FOR NO KEY UPDATE OF s SKIP LOCKED
+    ) x;
+    IF v_subs IS NULL THEN
+        RETURN;
+    END IF;
+    v_now := clock_timestamp();
+
+    RETURN QUERY
+    WITH subs AS (
+        SELECT b.id, b.rate, b.tokens,
+               least(b.cap - b.in_flight,
+                     CASE WHEN b.rate IS NULL THEN p_limit ELSE floor(b.tokens)::integer END)
+                   AS free
+        FROM (
+            SELECT u.id, u.cap, s.rate_limit_per_second AS rate,
+                   dispatcher_bucket_tokens(s.rate_limit_per_second, s.rate_tokens,
+                                            s.rate_refilled_at, v_now) AS tokens,
+                   (SELECT count(*) FROM webhook_deliveries f
+                    WHERE f.subscription_id = u.id AND f.state = 'in_flight')::integer
+                       AS in_flight
+            FROM unnest(v_subs, v_caps) AS u(id, cap)
+            JOIN webhook_subscriptions s ON s.id = u.id
+        ) b
+    ), picked AS (
+        SELECT c.id, c.manual_replay
+        FROM subs
+        CROSS JOIN LATERAL (
+            SELECT d.id, d.manual_replay
+            FROM webhook_deliveries d
+            WHERE d.subscription_id = subs.id
+              AND d.state IN ('pending', 'retrying')
+              AND d.next_attempt_at <= now()
+              AND (d.ordering_key IS NULL OR NOT EXISTS (
+                    SELECT 1 FROM webhook_deliveries e
+                    WHERE e.subscription_id = d.subscription_id
+                      AND e.ordering_key = d.ordering_key
+                      AND e.outbox_id < d.outbox_id
+                      AND e.state IN ('pending', 'in_flight', 'retrying', 'parked')))
+            ORDER BY d.next_attempt_at, d.id
+            LIMIT greatest(subs.free, 0)
+            FOR UPDATE OF d SKIP LOCKED
+        ) c
+        LIMIT p_limit
+    ), claimed AS (
+        UPDATE webhook_deliveries d
+        SET state = 'in_flight',
+            attempt = d.attempt + 1,
+            leased_until = now() + make_interval(secs => p_lease_seconds),
+            lease_token = nextval('webhook_lease_token_seq'),
+            leased_by = p_worker,
+            updated_at = now()
+        FROM webhook_outbox o, webhook_subscriptions s
+        WHERE d.id = ANY (ARRAY(SELECT p.id FROM picked p))
+          AND o.id = d.outbox_id AND s.id = d.subscription_id
+        RETURNING d.id AS delivery_id, d.lease_token, d.attempt, d.subscription_id, s.url,
+                  o.event_id, o.event_type, o.payload::text AS body, s.secret,
+                  CASE WHEN s.previous_secret_until > now() THEN s.previous_secret END
+                      AS previous_secret,
+                  s.signature_header, s.signers, s.headers::text AS headers,
+                  extract(epoch FROM o.created_at)::double precision AS event_created_at,
+                  d.ordering_key, d.manual_replay AS manual
+    ), bucket AS (
+        -- Only rate-limited subscriptions that took work pay tokens; the others keep their
+        -- stored state, which yields the same refill next time.
+        UPDATE webhook_subscriptions s
+        SET rate_tokens = subs.tokens - n.taken, rate_refilled_at = v_now
+        FROM subs
+        JOIN (SELECT c.subscription_id AS id, count(*) AS taken FROM claimed c GROUP BY 1) n
+          ON n.id = subs.id
+        WHERE s.id = subs.id AND subs.rate IS NOT NULL
+    )
+    SELECT c.delivery_id, c.lease_token, c.attempt, c.subscription_id, c.url, c.event_id,
+           c.event_type, c.body, c.secret, c.previous_secret, c.signature_header, c.signers,
+           c.headers, c.event_created_at, c.ordering_key, c.manual
+    FROM claimed c;
+END $$;
