@@ -24,8 +24,8 @@ demo: venv
 	$(BIN)/dispatcher demo
 
 lint: venv
-	$(BIN)/ruff check dispatcher tests
-	$(BIN)/ruff format --check dispatcher tests
+	$(BIN)/ruff check dispatcher tests grafana deploy
+	$(BIN)/ruff format --check dispatcher tests grafana deploy
 	$(BIN)/mypy
 
 test: venv lint

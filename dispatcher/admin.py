@@ -6,7 +6,8 @@ Must not block the event loop: readiness does one cheap database round trip with
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import prometheus_client as prom
 from aiohttp import web
@@ -54,11 +55,21 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": prom.CONTENT_TYPE_LATEST})
 
 
-def build_app(health: Health, registry: prom.CollectorRegistry) -> web.Application:
-    app = web.Application(client_max_size=1024 * 1024)
+def build_app(
+    health: Health,
+    registry: prom.CollectorRegistry,
+    *,
+    api: web.Application | None = None,
+    middlewares: Sequence[Any] = (),
+) -> web.Application:
+    """``api`` (the management sub-app from ``dispatcher.api.build``) is mounted at /v1;
+    ``middlewares`` guard the probes that are not configured open (``api.probe_guard``)."""
+    app = web.Application(client_max_size=1024 * 1024, middlewares=list(middlewares))
     app[HEALTH] = health
     app[REGISTRY] = registry
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    if api is not None:
+        app.add_subapp("/v1", api)
     return app

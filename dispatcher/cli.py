@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from dispatcher import config, logs, ssrf
+from dispatcher import config, logs, secretbox, ssrf
 
 # Every environment variable the CLI reads: name → (default, meaning). The README's
 # configuration table and the deploy files are checked against this list.
@@ -48,14 +48,59 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
         "100",
         "subscriptions labelled individually in metrics",
     ),
-    "DISPATCHER_ADMIN_TOKEN": ("", "bearer token for the /v1 admin API"),
+    "DISPATCHER_GAUGE_INTERVAL": ("5", "seconds between refreshes of the database gauges"),
+    "DISPATCHER_ADMIN_TOKEN": (
+        "",
+        "bearer token for the /v1 admin API; required unless DISPATCHER_LISTEN is loopback "
+        "(unset on loopback: /v1 answers 503)",
+    ),
+    "DISPATCHER_OPEN_ENDPOINTS": (
+        "healthz,readyz,metrics",
+        "which of these answer without the admin token (the others require it)",
+    ),
     "DISPATCHER_ALLOW_CIDRS": (
         "",
         "comma-separated CIDRs the SSRF guard lets through (e.g. 127.0.0.1/32)",
     ),
     "DISPATCHER_HTTPS_ONLY": ("false", "refuse http:// subscription URLs"),
+    "DISPATCHER_SECRET_KEYS": (
+        "",
+        "subscription secrets at rest: kid:base64key[,kid:base64key…], first seals "
+        "(AES-256-GCM); empty = plaintext",
+    ),
+    "DISPATCHER_DISABLE_AFTER": (
+        "432000",
+        "seconds a subscription may fail continuously before it is disabled (0 = never)",
+    ),
+    "DISPATCHER_BREAKER_RATIO": (
+        "0.5",
+        "circuit breaker: failed share of recent attempts that pauses a subscription (0 = off)",
+    ),
+    "DISPATCHER_BREAKER_MIN_ATTEMPTS": ("10", "circuit breaker: attempts needed to judge"),
+    "DISPATCHER_BREAKER_WINDOW": ("60", "circuit breaker: seconds of attempts considered"),
+    "DISPATCHER_BREAKER_PAUSE": ("30", "first pause, seconds; doubles per failed probe"),
+    "DISPATCHER_BREAKER_MAX_PAUSE": ("900", "longest pause, seconds"),
+    "DISPATCHER_HEALTH_INTERVAL": ("1.0", "seconds between endpoint-health passes"),
+    "DISPATCHER_RETENTION": (
+        "604800",
+        "seconds delivered deliveries and finished events are kept (0 = forever)",
+    ),
+    "DISPATCHER_ATTEMPT_RETENTION": ("2592000", "seconds attempt rows are kept (0 = forever)"),
+    "DISPATCHER_RETENTION_BATCH": ("500", "rows per retention batch"),
+    "DISPATCHER_RETENTION_INTERVAL": ("60", "seconds between retention passes"),
     "DISPATCHER_LOG_LEVEL": ("info", "debug, info, warning, error"),
     "DISPATCHER_LOG_FORMAT": ("auto", "json, console, or auto (console on a terminal)"),
+    "AGENT_LISTEN": ("127.0.0.1:8000", "`dispatcher agent`: the lead-qualification API"),
+    "AGENT_WEBHOOK_SECRET": (
+        "(required)",
+        "`dispatcher agent`: signs every callback (whsec_… recommended); keep it stable",
+    ),
+    "AGENT_API_KEY": ("", "`dispatcher agent`: bearer token the /api/v1 endpoints require"),
+    "AGENT_MAX_PROSPECTS": ("100", "`dispatcher agent`: most prospects in one job"),
+    "AGENT_MAX_BODY_BYTES": ("262144", "`dispatcher agent`: largest request body accepted"),
+    "AGENT_STEP_DELAY": ("0.4", "`dispatcher agent`: seconds of pause before each job step"),
+    "AGENT_CONCURRENCY": ("4", "`dispatcher agent`: jobs one agent process runs at once"),
+    "AGENT_POLL_INTERVAL": ("1.0", "`dispatcher agent`: seconds between scans for jobs"),
 }
 
 
@@ -109,10 +154,41 @@ def address_policy(env: Mapping[str, str]) -> ssrf.AddressPolicy:
         raise CliError(f"DISPATCHER_ALLOW_CIDRS: {exc}") from None
 
 
+def secret_box(env: Mapping[str, str]) -> secretbox.SecretBox:
+    try:
+        return secretbox.SecretBox.from_spec(_env(env, "DISPATCHER_SECRET_KEYS") or "")
+    except secretbox.SecretBoxError as exc:
+        raise CliError(f"DISPATCHER_SECRET_KEYS: {exc}") from None
+
+
+def health_from_env(env: Mapping[str, str]) -> config.HealthPolicy:
+    h = config.HealthPolicy()
+    return config.HealthPolicy(
+        disable_after_seconds=_float(env, "DISPATCHER_DISABLE_AFTER", h.disable_after_seconds),
+        breaker_failure_ratio=_float(env, "DISPATCHER_BREAKER_RATIO", h.breaker_failure_ratio),
+        breaker_min_attempts=_int(env, "DISPATCHER_BREAKER_MIN_ATTEMPTS", h.breaker_min_attempts),
+        breaker_window_seconds=_float(env, "DISPATCHER_BREAKER_WINDOW", h.breaker_window_seconds),
+        pause_seconds=_float(env, "DISPATCHER_BREAKER_PAUSE", h.pause_seconds),
+        max_pause_seconds=_float(env, "DISPATCHER_BREAKER_MAX_PAUSE", h.max_pause_seconds),
+        interval_seconds=_float(env, "DISPATCHER_HEALTH_INTERVAL", h.interval_seconds),
+    )
+
+
+def retention_from_env(env: Mapping[str, str]) -> config.RetentionPolicy:
+    r = config.RetentionPolicy()
+    return config.RetentionPolicy(
+        delivered_seconds=_float(env, "DISPATCHER_RETENTION", r.delivered_seconds),
+        attempts_seconds=_float(env, "DISPATCHER_ATTEMPT_RETENTION", r.attempts_seconds),
+        batch=_int(env, "DISPATCHER_RETENTION_BATCH", r.batch),
+        interval_seconds=_float(env, "DISPATCHER_RETENTION_INTERVAL", r.interval_seconds),
+    )
+
+
 def settings_from_env(env: Mapping[str, str], database_url: str) -> config.Settings:
     host, port = config.parse_listen(_env(env, "DISPATCHER_LISTEN") or "127.0.0.1:8090")
     d = config.Settings()
     r = config.RetryPolicy()
+    secret_box(env)  # validated here, so a bad key is a CLI error before anything starts
     try:
         retry = config.RetryPolicy(
             base_seconds=_float(env, "DISPATCHER_RETRY_BASE", r.base_seconds),
@@ -146,9 +222,22 @@ def settings_from_env(env: Mapping[str, str], database_url: str) -> config.Setti
             metrics_max_subscriptions=_int(
                 env, "DISPATCHER_METRICS_MAX_SUBSCRIPTIONS", d.metrics_max_subscriptions
             ),
+            gauge_interval_seconds=_float(
+                env, "DISPATCHER_GAUGE_INTERVAL", d.gauge_interval_seconds
+            ),
             admin_token=_env(env, "DISPATCHER_ADMIN_TOKEN") or "",
+            open_endpoints=tuple(
+                e.strip()
+                for e in (
+                    env.get("DISPATCHER_OPEN_ENDPOINTS", "healthz,readyz,metrics") or ""
+                ).split(",")
+                if e.strip()
+            ),
             allow_cidrs=allow_cidrs(env),
             https_only=_bool(env, "DISPATCHER_HTTPS_ONLY"),
+            secret_keys=_env(env, "DISPATCHER_SECRET_KEYS") or "",
+            health=health_from_env(env),
+            retention=retention_from_env(env),
         )
     except config.ConfigError as exc:
         raise CliError(str(exc)) from None
@@ -252,6 +341,7 @@ def cmd_subscriptions_add(args: argparse.Namespace, env: Mapping[str, str]) -> i
         raise CliError(f"--url: {exc}") from None
     if args.max_in_flight < 1:
         raise CliError("--max-in-flight must be at least 1")
+    box = secret_box(env)
 
     async def main(dsn: str) -> dict[str, Any]:
         from dispatcher.db import pool as db_pool  # noqa: PLC0415
@@ -261,7 +351,7 @@ def cmd_subscriptions_add(args: argparse.Namespace, env: Mapping[str, str]) -> i
             dsn, min_size=1, max_size=1, application_name="dispatcher-cli"
         )
         try:
-            return await repository.Repository(pool).create_subscription(
+            return await repository.Repository(pool, box=box).create_subscription(
                 url=args.url,
                 event_types=args.event_type,
                 secret=secret,
@@ -304,11 +394,106 @@ def cmd_subscriptions_list(args: argparse.Namespace, env: Mapping[str, str]) -> 
     return 0
 
 
+def cmd_secrets_reencrypt(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    box = secret_box(env)
+    if not box.encrypting:
+        raise CliError("DISPATCHER_SECRET_KEYS is empty: there is no key to re-encrypt under")
+
+    async def main(dsn: str) -> secretbox.Reencrypted:
+        from dispatcher.db import pool as db_pool  # noqa: PLC0415
+
+        pool = await db_pool.create_pool(
+            dsn, min_size=1, max_size=1, application_name="dispatcher-cli"
+        )
+        try:
+            return await secretbox.reencrypt(pool, box, batch=args.batch)
+        finally:
+            await pool.close()
+
+    with database(env) as dsn:
+        done = _run(main(dsn))
+    _print_json({"key_id": box.current_key_id, **done.as_dict()})
+    return 0
+
+
+def cmd_secrets_generate_key(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    print(f"{args.key_id}:{secretbox.generate_key()}")
+    return 0
+
+
+def agent_settings_from_env(env: Mapping[str, str], database_url: str) -> Any:
+    """``dispatcher agent`` settings. The webhook secret is required rather than generated:
+    receivers verify with it, so a secret that changed at every restart would break them."""
+    from dispatcher import signing  # noqa: PLC0415
+    from dispatcher.agent import app as agent_app  # noqa: PLC0415
+
+    secret = _env(env, "AGENT_WEBHOOK_SECRET")
+    if secret is None:
+        raise CliError(
+            "AGENT_WEBHOOK_SECRET is not set; the agent signs callbacks with it and callers "
+            "verify with it, so set a stable one, e.g. "
+            f"AGENT_WEBHOOK_SECRET={signing.generate_secret()}"
+        )
+    try:
+        signing.validate_secret(secret)
+    except signing.SigningError as exc:
+        raise CliError(f"AGENT_WEBHOOK_SECRET: {exc}") from None
+    host, port = config.parse_listen(_env(env, "AGENT_LISTEN") or "127.0.0.1:8000")
+    try:
+        return agent_app.AgentSettings(
+            database_url=database_url,
+            webhook_secret=secret,
+            listen_host=host,
+            listen_port=port,
+            api_key=_env(env, "AGENT_API_KEY") or "",
+            max_prospects=_int(env, "AGENT_MAX_PROSPECTS", 100),
+            max_body_bytes=_int(env, "AGENT_MAX_BODY_BYTES", 256 * 1024),
+            step_delay_seconds=_float(env, "AGENT_STEP_DELAY", 0.4),
+            concurrency=_int(env, "AGENT_CONCURRENCY", 4),
+            poll_interval_seconds=_float(env, "AGENT_POLL_INTERVAL", 1.0),
+            allow_cidrs=allow_cidrs(env),
+            https_only=_bool(env, "DISPATCHER_HTTPS_ONLY"),
+            secret_keys=_env(env, "DISPATCHER_SECRET_KEYS") or "",
+            worker_id=_env(env, "DISPATCHER_WORKER_ID") or config.default_worker_id(),
+        )
+    except config.ConfigError as exc:
+        raise CliError(str(exc)) from None
+
+
+def cmd_agent(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from dispatcher import app  # noqa: PLC0415
+    from dispatcher.agent import app as agent_app  # noqa: PLC0415
+
+    with database(env) as dsn:
+        settings = agent_settings_from_env(env, dsn)
+        if args.migrate:
+            _run(app.migrate_database(dsn))
+
+        async def main() -> None:
+            stop = asyncio.Event()
+            install_signal_handlers(stop)
+            await agent_app.Agent(settings).run(stop)
+
+        try:
+            _run(main())
+        except agent_app.SchemaNotReady as exc:
+            raise CliError(str(exc)) from None
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from dispatcher import demo  # noqa: PLC0415
 
     with database(env) as dsn:
         return int(_run(demo.run(dsn, env=env)))
+
+
+def cmd_bench(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from dispatcher import bench  # noqa: PLC0415
+
+    options = bench.options_from_args(args)
+    with database(env) as dsn:
+        return int(_run(bench.run(options, dsn, env=env)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -322,8 +507,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--migrate", action="store_true", help="apply migrations before starting")
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser("agent", help="run the reference lead-qualification agent (AGENT_LISTEN)")
+    p.add_argument("--migrate", action="store_true", help="apply migrations before starting")
+    p.set_defaults(func=cmd_agent)
+
     p = sub.add_parser("demo", help="the whole story end to end on the embedded Postgres")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="measure throughput, latency and footprint on this machine")
+    p.set_defaults(func=cmd_bench)
+    from dispatcher import bench  # noqa: PLC0415 (heavy imports only for this subcommand)
+
+    bench.add_arguments(p)
 
     subs = sub.add_parser("subscriptions", help="manage subscriptions").add_subparsers(
         dest="subcommand", required=True, metavar="SUBCOMMAND"
@@ -341,6 +536,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = subs.add_parser("list", help="list subscriptions")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_subscriptions_list)
+    # get/update/enable/disable/delete/rotate-secret/test, and the deliveries/events groups:
+    # the admin API's operations for operators (same validators and SQL as /v1).
+    from dispatcher import cli_manage  # noqa: PLC0415 (it imports this module)
+
+    cli_manage.add_subscription_commands(subs)
+    cli_manage.add_commands(sub)
+
+    keys = sub.add_parser("secrets", help="subscription secrets at rest").add_subparsers(
+        dest="subcommand", required=True, metavar="SUBCOMMAND"
+    )
+    p = keys.add_parser(
+        "reencrypt",
+        help="seal every secret under the first DISPATCHER_SECRET_KEYS key (online)",
+    )
+    p.add_argument("--batch", type=int, default=100, help="subscriptions per transaction")
+    p.set_defaults(func=cmd_secrets_reencrypt)
+    p = keys.add_parser("generate-key", help="print a new kid:base64key for DISPATCHER_SECRET_KEYS")
+    p.add_argument("--key-id", default="k1")
+    p.set_defaults(func=cmd_secrets_generate_key)
     return parser
 
 

@@ -60,6 +60,55 @@ class RetryPolicy:
             raise ConfigError("max age must be > 0 and Retry-After clamp >= 0")
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class HealthPolicy:
+    """Endpoint health (see :mod:`dispatcher.health`). A zero disables that mechanism."""
+
+    # A subscription failing continuously this long is disabled (Svix: 5 days).
+    disable_after_seconds: float = 5 * 86400.0
+    # Circuit breaker: at least this share of at least ``breaker_min_attempts`` attempts in
+    # the last ``breaker_window_seconds`` failed (5xx, 429, timeout, connect error) → pause.
+    breaker_failure_ratio: float = 0.5
+    breaker_min_attempts: int = 10
+    breaker_window_seconds: float = 60.0
+    # First pause; each failed probe doubles it up to the cap.
+    pause_seconds: float = 30.0
+    max_pause_seconds: float = 900.0
+    interval_seconds: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.disable_after_seconds < 0:
+            raise ConfigError("disable-after window must be >= 0 (0 = never)")
+        if not 0 <= self.breaker_failure_ratio <= 1 or self.breaker_min_attempts < 1:
+            raise ConfigError("breaker ratio must be in [0, 1] (0 = off) and min attempts >= 1")
+        if self.breaker_window_seconds <= 0 or self.interval_seconds <= 0:
+            raise ConfigError("breaker window and health interval must be > 0")
+        if self.pause_seconds <= 0 or self.max_pause_seconds < self.pause_seconds:
+            raise ConfigError("pause must be > 0 and max pause >= pause")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RetentionPolicy:
+    """What :mod:`dispatcher.retention` prunes, and how gently. Zero keeps forever."""
+
+    # Delivered deliveries (and fully delivered or unmatched outbox events) older than this.
+    delivered_seconds: float = 7 * 86400.0
+    # Attempt log rows older than this, whatever their delivery's state.
+    attempts_seconds: float = 30 * 86400.0
+    batch: int = 500
+    interval_seconds: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.delivered_seconds < 0 or self.attempts_seconds < 0:
+            raise ConfigError("retention periods must be >= 0 (0 = keep forever)")
+        if self.batch < 1 or self.interval_seconds <= 0:
+            raise ConfigError("retention batch must be >= 1 and interval > 0")
+
+
+# Endpoints outside /v1 that may be left open (DISPATCHER_OPEN_ENDPOINTS).
+PROBE_ENDPOINTS = ("healthz", "readyz", "metrics")
+
+
 def default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
@@ -92,12 +141,18 @@ class Settings:
     metrics_max_subscriptions: int = 100
     gauge_interval_seconds: float = 5.0
     admin_token: str = dataclasses.field(repr=False, default="")
+    # Which of /healthz, /readyz, /metrics answer without the admin token (by name).
+    open_endpoints: tuple[str, ...] = ("healthz", "readyz", "metrics")
     # SSRF guard: non-global destinations are refused unless inside one of these CIDRs.
     allow_cidrs: tuple[str, ...] = ()
     https_only: bool = False
     # Ack writer: most results written per statement, and how long to gather them.
     ack_batch: int = 500
     ack_linger_seconds: float = 0.002
+    # Subscription secrets at rest: "kid:base64key,…", first = current (dispatcher.secretbox).
+    secret_keys: str = dataclasses.field(repr=False, default="")
+    health: HealthPolicy = dataclasses.field(default_factory=HealthPolicy)
+    retention: RetentionPolicy = dataclasses.field(default_factory=RetentionPolicy)
 
     def __post_init__(self) -> None:
         if self.max_in_flight < 1 or self.claim_batch < 1 or self.route_batch < 1:
@@ -114,6 +169,20 @@ class Settings:
             raise ConfigError("shutdown grace must be >= 0")
         if self.metrics_max_subscriptions < 0:
             raise ConfigError("metrics_max_subscriptions must be >= 0")
+        if self.gauge_interval_seconds <= 0:
+            raise ConfigError("gauge interval must be > 0")
+        if not self.admin_token and not is_loopback_host(self.listen_host):
+            # The admin API can rewrite subscriptions; it is never served open to a network.
+            raise ConfigError(
+                f"DISPATCHER_ADMIN_TOKEN is required when listening on {self.listen_host} "
+                "(a non-loopback address); set it, or listen on 127.0.0.1"
+            )
+        unknown = set(self.open_endpoints) - set(PROBE_ENDPOINTS)
+        if unknown:
+            raise ConfigError(
+                f"open endpoints must be among {', '.join(PROBE_ENDPOINTS)}; "
+                f"got {', '.join(sorted(unknown))}"
+            )
 
     @property
     def lease_seconds(self) -> float:

@@ -86,12 +86,24 @@ class Sender:
         self._guard = guard
         self._is_blocked = is_blocked or (lambda _exc: False)
         self._clock = clock
+        # Signer tuples by (signature header, extra signer names): the registry lookup built
+        # a list and a tuple per attempt (bench profile).
+        self._signers: dict[tuple[str | None, tuple[str, ...]], tuple[signing.Signer, ...]] = {}
 
     def build_headers(self, job: Job, timestamp: int) -> dict[str, str]:
-        headers = {k: v for k, v in job.headers.items() if k.lower() not in RESERVED_HEADERS}
+        headers = (
+            {k: v for k, v in job.headers.items() if k.lower() not in RESERVED_HEADERS}
+            if job.headers
+            else {}
+        )
         headers["content-type"] = "application/json"
         headers["user-agent"] = USER_AGENT
-        signers = self._registry.for_subscription(job.signature_header, job.signers)
+        key = (job.signature_header, job.signers)
+        signers = self._signers.get(key)
+        if signers is None:
+            # Unknown names raise SigningError here, every time (nothing cached for them).
+            signers = self._registry.for_subscription(job.signature_header, job.signers)
+            self._signers[key] = signers
         item = signing.SigningInput(
             msg_id=job.event_id,
             timestamp=timestamp,
@@ -168,7 +180,9 @@ class Sender:
         if remaining <= 0 and not resp.content.at_eof():
             resp.close()  # not reusable: the rest of the body is still on the wire
         raw = b"".join(chunks)[: self._log_bytes]
-        return raw.decode("utf-8", errors="replace")
+        # Postgres text cannot hold NUL: one binary answer (a gzip bomb, say) would otherwise
+        # make the whole ack batch fail on every retry (found by tests/chaos).
+        return raw.decode("utf-8", errors="replace").replace("\x00", "\ufffd")
 
     @staticmethod
     def _failure(outcome: errors.Outcome, error: str, started: float) -> errors.AttemptResult:

@@ -153,6 +153,41 @@ class Metrics:
             ["state"],
             registry=registry,
         )
+        # The database gauges are refreshed on an interval: these say how fresh and how costly.
+        self.gauge_refresh_seconds = prom.Gauge(
+            "dispatcher_db_stats_refresh_seconds",
+            "Duration of the last database gauge refresh.",
+            registry=registry,
+        )
+        self.gauge_refreshed = prom.Gauge(
+            "dispatcher_db_stats_last_refresh_timestamp_seconds",
+            "Unix time of the last successful database gauge refresh.",
+            registry=registry,
+        )
+        self.gauge_refresh_errors = prom.Counter(
+            "dispatcher_db_stats_refresh_errors_total",
+            "Database gauge refreshes that failed.",
+            registry=registry,
+        )
+        # Endpoint health (dispatcher/health.py) and retention (dispatcher/retention.py).
+        self.health_events = prom.Counter(
+            "dispatcher_subscription_health_events_total",
+            "Circuit-breaker and auto-disable actions taken by this process.",
+            ["event"],
+            registry=registry,
+        )
+        self.subscription_paused = prom.Gauge(
+            "dispatcher_subscription_paused",
+            "1 while the circuit breaker pauses the subscription.",
+            sub,
+            registry=registry,
+        )
+        self.retention_pruned = prom.Counter(
+            "dispatcher_retention_pruned_total",
+            "Rows deleted by the retention loop.",
+            ["table"],
+            registry=registry,
+        )
         self.build_info = prom.Gauge(
             "dispatcher_build_info", "Build information.", ["version"], registry=registry
         )

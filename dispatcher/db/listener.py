@@ -11,7 +11,6 @@ import contextlib
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-import asyncpg
 import structlog
 
 from dispatcher.db import pool as db_pool
@@ -50,7 +49,7 @@ class Listener:
             try:
                 await self._listen_until_lost(stop)
                 delay = 0.1
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except db_pool.ERRORS as exc:
                 # A lost listen connection only costs wake-up latency; polling goes on.
                 self.connected.clear()
                 log.warning("listen_connection_lost", error=f"{type(exc).__name__}: {exc}")

@@ -10,6 +10,17 @@ from typing import Any
 
 import asyncpg
 
+# What a lost, restarted or terminated server looks like to asyncpg. InternalClientError is in
+# here because asyncpg raises it when a backend is terminated mid-operation
+# (MagicStack/asyncpg#784, #1069); every loop must treat it as "retry later", not as a crash.
+ERRORS = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
+
 SESSION_SETTINGS = {
     "application_name": "dispatcher",
     "statement_timeout": "30s",

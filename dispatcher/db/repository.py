@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from dispatcher import delivery
+from dispatcher import delivery, secretbox
 
 WORK_CHANNEL = "dispatcher_work"
 OUTBOX_CHANNEL = "dispatcher_outbox"
@@ -114,6 +114,8 @@ WITH r AS (
         leased_by = NULL,
         last_status = r.status,
         last_error = r.error,
+        -- a manual replay is one attempt; whatever follows it is automatic again (003)
+        manual_replay = false,
         finished_at = CASE WHEN r.state IN ('delivered', 'dead') THEN now() END,
         updated_at = now()
     FROM r
@@ -197,15 +199,19 @@ SUBSCRIPTION_COLUMNS = """
     id, url, event_types, secret, signature_header, signers, headers::text AS headers,
     max_in_flight, rate_limit_per_second, description, metadata::text AS metadata, enabled,
     disabled_reason, disabled_at, created_at, updated_at,
-    (previous_secret_until > now()) IS TRUE AS rotating
+    (previous_secret_until > now()) IS TRUE AS rotating,
+    CASE WHEN previous_secret_until > now() THEN previous_secret_until END AS rotation_ends_at,
+    retry_policy::text AS retry_policy
 """
 
 
-def _job(row: Any) -> delivery.Job:
+def _job(row: Any, box: secretbox.SecretBox) -> delivery.Job:
+    # Stored secrets may be sealed (secretbox); the box caches what it opened, so a claim of
+    # many deliveries for one subscription decrypts once.
     secrets = (
-        (row["secret"],)
+        (box.open(row["secret"]),)
         if row["previous_secret"] is None
-        else (row["secret"], row["previous_secret"])
+        else (box.open(row["secret"]), box.open(row["previous_secret"]))
     )
     return delivery.Job(
         delivery_id=row["delivery_id"],
@@ -222,14 +228,17 @@ def _job(row: Any) -> delivery.Job:
         headers=orjson.loads(row["headers"]),
         event_created_at=row["event_created_at"],
         ordering_key=row["ordering_key"],
+        manual=row["manual"],
     )
 
 
 class Repository:
     """Outbox, deliveries, attempts and subscriptions over an asyncpg pool."""
 
-    def __init__(self, pool: Any) -> None:
+    def __init__(self, pool: Any, *, box: secretbox.SecretBox | None = None) -> None:
         self.pool = pool
+        # Seals secrets on the way in and opens them on the way out (plaintext without keys).
+        self.box = box or secretbox.PLAINTEXT
 
     # -- routing ---------------------------------------------------------------------------
 
@@ -255,7 +264,19 @@ class Repository:
         rows = await self.pool.fetch(
             "SELECT * FROM dispatcher_claim($1, $2, $3)", worker, limit, lease_seconds
         )
-        return [_job(r) for r in rows]
+        return [_job(r, self.box) for r in rows]
+
+    async def claim_probe(
+        self, worker: str, subscription_id: str, lease_seconds: float
+    ) -> list[delivery.Job]:
+        """One delivery of a paused subscription, for the health probe (sql/005)."""
+        rows = await self.pool.fetch(
+            "SELECT * FROM dispatcher_claim_probe($1, $2, $3)",
+            worker,
+            uuid.UUID(subscription_id),
+            lease_seconds,
+        )
+        return [_job(r, self.box) for r in rows]
 
     async def ack(self, acks: Sequence[Ack], worker: str) -> set[int]:
         """Apply results; return the ids whose token still matched (the rest were stale)."""
@@ -316,26 +337,34 @@ class Repository:
         description: str = "",
         headers: dict[str, str] | None = None,
         subscription_id: uuid.UUID | None = None,
+        rate_limit_per_second: float | None = None,
+        retry_policy: dict[str, Any] | None = None,
+        metadata: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         # Plain insert; the primary key rejects a duplicate explicit id.
         row = await self.pool.fetchrow(
             f"""
             INSERT INTO webhook_subscriptions (id, url, event_types, secret, signature_header,
-                                               signers, max_in_flight, description, headers)
-            VALUES (COALESCE($1, gen_random_uuid()), $2, $3, $4, $5, $6, $7, $8, $9::jsonb)
+                                               signers, max_in_flight, description, headers,
+                                               rate_limit_per_second, retry_policy, metadata)
+            VALUES (COALESCE($1, gen_random_uuid()), $2, $3, $4, $5, $6, $7, $8, $9::jsonb,
+                    $10, $11::jsonb, $12::jsonb)
             RETURNING {SUBSCRIPTION_COLUMNS}
             """,
             subscription_id,
             url,
             list(event_types),
-            secret,
+            self.box.seal(secret),
             signature_header,
             list(signers),
             max_in_flight,
             description,
             orjson.dumps(headers or {}).decode(),
+            rate_limit_per_second,
+            None if retry_policy is None else orjson.dumps(retry_policy).decode(),
+            orjson.dumps(metadata or {}).decode(),
         )
-        return subscription_dict(row, include_secret=True)
+        return {**subscription_dict(row), "secret": secret}
 
     async def list_subscriptions(self) -> list[dict[str, Any]]:
         rows = await self.pool.fetch(
@@ -350,7 +379,12 @@ class Repository:
             f"SELECT {SUBSCRIPTION_COLUMNS} FROM webhook_subscriptions WHERE id = $1",
             uuid.UUID(subscription_id),
         )
-        return None if row is None else subscription_dict(row, include_secret=include_secret)
+        if row is None:
+            return None
+        out = subscription_dict(row)
+        if include_secret:
+            out["secret"] = self.box.open(row["secret"])
+        return out
 
     # -- health ----------------------------------------------------------------------------
 
@@ -377,6 +411,10 @@ def subscription_dict(row: Any, *, include_secret: bool = False) -> dict[str, An
         "created_at": row["created_at"].isoformat(),
         "updated_at": row["updated_at"].isoformat(),
         "rotating": row["rotating"],
+        "rotation_ends_at": (
+            row["rotation_ends_at"].isoformat() if row["rotation_ends_at"] else None
+        ),
+        "retry_policy": orjson.loads(row["retry_policy"]) if row["retry_policy"] else None,
     }
     if include_secret:
         out["secret"] = row["secret"]
