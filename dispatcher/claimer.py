@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import random
 import time
 from collections.abc import Callable
 from typing import Any
 
+import asyncpg
 import structlog
 
 from dispatcher import backoff, config, delivery, errors, limiter, metrics
@@ -23,6 +25,12 @@ from dispatcher.db import repository
 log = structlog.get_logger("dispatcher.claimer")
 
 DB_ERRORS = db_pool.ERRORS
+# Errors about a batch's content, not the database's availability.
+BAD_ROW_ERRORS = (
+    asyncpg.DataError,
+    asyncpg.IntegrityConstraintViolationError,
+    asyncpg.ProgramLimitExceededError,
+)
 # While the queue is backlogged, free slots wait at most this long for a refill batch.
 REFILL_LINGER_SECONDS = 0.005
 # While it is not, returned capacity (finished requests, written acks) is re-checked after
@@ -84,6 +92,21 @@ class AckWriter:
             try:
                 applied = await self._repo.ack(acks, self._worker)
                 break
+            except BAD_ROW_ERRORS as exc:
+                # Retrying cannot help a batch the database rejects for its content: split it
+                # so one bad row cannot hold back the others. A single bad row is dropped (its
+                # lease expires and the delivery is attempted again: nothing is lost).
+                if len(acks) == 1:
+                    log.error(
+                        "ack_rejected",
+                        delivery_id=acks[0].delivery_id,
+                        error=f"{type(exc).__name__}: {exc}",
+                    )
+                    return
+                half = len(acks) // 2
+                await self._write(acks[:half])
+                await self._write(acks[half:])
+                return
             except DB_ERRORS as exc:
                 log.warning(
                     "ack_write_failed",
@@ -172,6 +195,7 @@ class Claimer:
         # Metric children per subscription label: ``labels()`` is a locked dict lookup, and
         # an attempt touched six of them (bench profile).
         self._children: dict[str, _Children] = {}
+        self._policies: dict[tuple[tuple[str, float], ...], config.RetryPolicy] = {}
         self._claiming = True
         self._tasks: dict[asyncio.Task[None], delivery.Job] = {}
         self._next_due = float("inf")
@@ -361,7 +385,7 @@ class Claimer:
         decision = backoff.decide(
             attempt=job.attempt,
             age_seconds=now - job.event_created_at,
-            policy=self._settings.retry,
+            policy=self._policy(job),
             permanent=verdict is errors.Verdict.PERMANENT,
             retry_after_seconds=result.retry_after_seconds,
             rand=self._rand,
@@ -369,6 +393,26 @@ class Claimer:
         if isinstance(decision, backoff.GiveUp):
             return "dead", None, f"{result.error} ({decision.reason})"
         return "retrying", decision.delay_seconds, result.error
+
+    def _policy(self, job: delivery.Job) -> config.RetryPolicy:
+        """The configured policy with the subscription's overrides on top (cached per set)."""
+        if not job.retry_policy:
+            return self._settings.retry
+        key = tuple(sorted(job.retry_policy.items()))
+        policy = self._policies.get(key)
+        if policy is None:
+            try:
+                overrides: dict[str, Any] = dict(key)
+                policy = dataclasses.replace(self._settings.retry, **overrides)
+            except (config.ConfigError, TypeError) as exc:
+                # Validated when stored, but against the defaults; a combination that does not
+                # fit this process's configuration falls back to it, loudly.
+                self._log.error(
+                    "retry_policy_ignored", subscription=job.subscription_id, error=str(exc)
+                )
+                policy = self._settings.retry
+            self._policies[key] = policy
+        return policy
 
     async def _disable(self, job: delivery.Job, reason: str) -> None:
         try:

@@ -135,10 +135,38 @@ SELECT id::text AS id FROM webhook_subscriptions WHERE enabled AND paused_until 
 
 
 @dataclasses.dataclass
+class _Window:
+    """Attempt counts over the last ``span`` seconds in one-second buckets with running
+    totals: O(1) per attempt and bounded memory, however high the rate."""
+
+    buckets: collections.deque[list[int]] = dataclasses.field(default_factory=collections.deque)
+    total: int = 0
+    failed: int = 0
+
+    def add(self, now: float, *, failed: bool, span_seconds: float) -> None:
+        second = int(now)
+        if self.buckets and self.buckets[-1][0] == second:
+            bucket = self.buckets[-1]
+            bucket[1] += 1
+            bucket[2] += failed
+        else:
+            self.buckets.append([second, 1, int(failed)])
+        self.total += 1
+        self.failed += failed
+        horizon = now - span_seconds
+        while self.buckets and self.buckets[0][0] + 1 <= horizon:
+            _second, total, bad = self.buckets.popleft()
+            self.total -= total
+            self.failed -= bad
+
+    def clear(self) -> None:
+        self.buckets.clear()
+        self.total = self.failed = 0
+
+
+@dataclasses.dataclass
 class _Sub:
-    window: collections.deque[tuple[float, bool]] = dataclasses.field(
-        default_factory=collections.deque
-    )
+    window: _Window = dataclasses.field(default_factory=_Window)
     first_failure: float | None = None
     last_success: float | None = None
     failure_flushed: bool = False
@@ -217,11 +245,8 @@ class Monitor:
         p = self._policy
         if p.breaker_failure_ratio <= 0:
             return
-        sub.window.append((now, sick))
-        while sub.window and sub.window[0][0] < now - p.breaker_window_seconds:
-            sub.window.popleft()
-        total = len(sub.window)
-        failed = sum(1 for _t, bad in sub.window if bad)
+        sub.window.add(now, failed=sick, span_seconds=p.breaker_window_seconds)
+        total, failed = sub.window.total, sub.window.failed
         if total >= p.breaker_min_attempts and failed >= p.breaker_failure_ratio * total:
             sub.trip_reason = (
                 f"circuit breaker: {failed} of {total} attempts failed in the last "

@@ -11,6 +11,7 @@ import sys
 from collections.abc import MutableMapping
 from typing import Any, TextIO
 
+import orjson
 import structlog
 
 SENSITIVE_KEYS = frozenset(
@@ -36,6 +37,10 @@ def drop_sensitive(
     return event
 
 
+def _orjson_dumps(value: Any, **_kw: Any) -> str:
+    return orjson.dumps(value, default=str).decode()
+
+
 def configure(*, level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
     """``fmt`` is ``json``, ``console`` or ``auto`` (console when ``stream`` is a terminal)."""
     out = stream or sys.stderr
@@ -43,7 +48,8 @@ def configure(*, level: str = "info", fmt: str = "auto", stream: TextIO | None =
         fmt = "console" if out.isatty() else "json"
     renderer: Any
     if fmt == "json":
-        renderer = structlog.processors.JSONRenderer()
+        # orjson: the canonical per-attempt line is on the hot path (json.dumps is ~10x slower).
+        renderer = structlog.processors.JSONRenderer(serializer=_orjson_dumps)
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=out.isatty())
     numeric = logging.getLevelName(level.upper())

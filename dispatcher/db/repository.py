@@ -229,6 +229,7 @@ def _job(row: Any, box: secretbox.SecretBox) -> delivery.Job:
         event_created_at=row["event_created_at"],
         ordering_key=row["ordering_key"],
         manual=row["manual"],
+        retry_policy=orjson.loads(row["retry_policy"]) if row["retry_policy"] else None,
     )
 
 
@@ -260,7 +261,7 @@ class Repository:
     # -- claiming and acknowledging --------------------------------------------------------
 
     async def claim(self, worker: str, limit: int, lease_seconds: float) -> list[delivery.Job]:
-        # One round trip; the locking lives in dispatcher_claim() (sql/001_init.sql).
+        # One round trip; the locking lives in dispatcher_claim() (sql/006_claim.sql).
         rows = await self.pool.fetch(
             "SELECT * FROM dispatcher_claim($1, $2, $3)", worker, limit, lease_seconds
         )

@@ -259,3 +259,24 @@ async def test_one_dead_subscriber_does_not_delay_the_others(
     await support.wait_for(lambda: len(fast.ok()) == 20, message="fast subscriber served")
     assert slow.max_concurrent == 2
     slow.release.set()
+
+
+async def test_subscription_retry_policy_overrides_the_configured_one(
+    pool: Any, make_receiver: Any, start_dispatcher: Any
+) -> None:
+    """Two failing subscriptions: the one with max_attempts=2 is dead after 2 tries, the
+    other follows the configured policy (5 tries in fast_settings)."""
+    strict = await make_receiver()
+    default = await make_receiver()
+    for r in (strict, default):
+        r.respond = lambda _n, _h, _b: (500, {}, 0.0)
+    repo = repository.Repository(pool)
+    await repo.create_subscription(
+        url=strict.url, event_types=["t.*"], secret=SECRET, retry_policy={"max_attempts": 2}
+    )
+    await repo.create_subscription(url=default.url, event_types=["t.*"], secret=SECRET)
+    await _publish(pool)
+    await start_dispatcher()
+    await support.wait_for(lambda: _all(pool, "dead"), message="both dead")
+    assert len(strict.requests) == 2
+    assert len(default.requests) == 5

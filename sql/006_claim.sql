@@ -1,37 +1,43 @@
--- 006: plan fixes for the claim, found by profiling `dispatcher bench`.
+-- 006: the claim. dispatcher_claim() hands one worker its due deliveries in one round trip.
 -- Append-only: never edit a migration that has shipped; add the next number instead.
+-- Defined once, here, after every column it reads exists (001, 003, 005).
 --
--- The claim below is copied verbatim from the latest definition (sql/005_reliability.sql)
--- with these changes only — same signature, result columns, locks and guarantees:
---   1. Step 1's "has due work" test is a scalar subquery (ORDER BY next_attempt_at LIMIT 1)
---      instead of EXISTS. The planner pulled the EXISTS up into a hash semi-join that read
---      every queued row of webhook_deliveries (a sequential scan + HashAggregate: ~10 ms at
---      20 k queued rows, growing with the backlog) on every claim; a bare LIMIT 1 became a
---      sequential scan that must skip every finished row before the first queued one. The
---      ORDER BY matches webhook_deliveries_due, so it is one index probe per subscription
---      whatever the queue size or the number of finished rows.
---   2. The claiming UPDATE finds its rows by `d.id = ANY (ARRAY(SELECT id FROM picked))`
---      instead of joining the `picked` CTE. The planner cannot estimate a locking CTE and
---      chose a hash join over a sequential scan of webhook_deliveries (~10 ms at 20 k rows,
---      ~0.5 s at 1 M); the array form is a primary-key probe per claimed row.
---   3. `manual` is read from the updated row (d.manual_replay, which the UPDATE does not
---      change) since `picked` is no longer joined.
---   4. `SET plan_cache_mode = force_generic_plan` on the function. plpgsql kept choosing a
---      custom plan, so every call re-planned both statements (~2.5 ms of planning, the
---      largest fixed cost of a claim: a 5-row claim cost ~1.2 ms of database time per row,
---      ~0.5 ms with this). Changes 1 and 2 make the plan shape independent of the
---      parameter values, so the generic plan is the same plan.
--- Step 1's subscription locks (max_in_flight across replicas), the ordering_key test, the
--- token bucket, the paused_until skip and the fencing token are untouched.
+-- Guarantees, and the statement that holds each:
+--   1. max_in_flight holds across every replica. Step 1 locks (FOR NO KEY UPDATE ... SKIP
+--      LOCKED) the subscriptions that have due work and spare capacity, so one replica at a
+--      time claims for a given subscription (the others skip it). Step 2 runs on a fresh
+--      snapshot (plpgsql, READ COMMITTED) taken after those locks, so it sees every claim
+--      another replica committed before; counting in_flight rows there bounds the claim.
+--      NO KEY UPDATE (not UPDATE) so the router's foreign-key checks are not blocked.
+--   2. The per-subscription rate limit holds across replicas the same way: the token bucket
+--      lives on the subscription row (003), is read after the lock and written back in the
+--      same statement; at most floor(tokens) deliveries are taken. Its clock is
+--      clock_timestamp() read after the locks, so per subscription it only moves forward.
+--   3. Ordering: a delivery with an ordering_key is eligible only when no earlier delivery
+--      (by outbox id) with the same key for the same subscription is still unfinished.
+--   4. Paused (circuit breaker, 005) and disabled subscriptions are skipped; the health
+--      probe claims through dispatcher_claim_probe() instead.
+--   5. Fencing: every claim writes a fresh lease_token and leased_until from the database
+--      clock, and moves attempt forward (so a delivery that keeps killing workers dies).
+--   6. manual (003) and the subscription's retry_policy override travel with the job.
+-- Plan notes, found by profiling `dispatcher bench`:
+--   * "Has due work" is a scalar subquery with ORDER BY next_attempt_at LIMIT 1 (matching
+--     webhook_deliveries_due): EXISTS was pulled up into a hash semi-join that read every
+--     queued row (~10 ms at 20 k queued, growing with the backlog).
+--   * The claiming UPDATE finds its rows by `d.id = ANY (ARRAY(SELECT id FROM picked))`: the
+--     planner cannot estimate a locking CTE and hash-joined a sequential scan (~0.5 s at 1 M).
+--   * `SET plan_cache_mode = force_generic_plan`: plpgsql re-planned both statements on every
+--      call (~2.5 ms, the largest fixed cost of a claim); the plan shape no longer depends on
+--      the parameters, so the generic plan is the same plan.
 
-CREATE OR REPLACE FUNCTION dispatcher_claim(p_worker text, p_limit integer, p_lease_seconds double precision)
+CREATE FUNCTION dispatcher_claim(p_worker text, p_limit integer, p_lease_seconds double precision)
 RETURNS TABLE (
     delivery_id bigint, lease_token bigint, attempt integer, subscription_id uuid, url text,
     event_id text, event_type text, body text, secret text, previous_secret text,
     signature_header text, signers text[], headers text, event_created_at double precision,
-    ordering_key text, manual boolean
+    ordering_key text, manual boolean, retry_policy text
 ) LANGUAGE plpgsql
--- Change 4: plan once per connection, not on every call.
+-- Plan once per connection instead of on every call (see the plan notes above).
 SET plan_cache_mode = force_generic_plan
 AS $$
 #variable_conflict use_column
@@ -118,7 +124,8 @@ BEGIN
                       AS previous_secret,
                   s.signature_header, s.signers, s.headers::text AS headers,
                   extract(epoch FROM o.created_at)::double precision AS event_created_at,
-                  d.ordering_key, d.manual_replay AS manual
+                  d.ordering_key, d.manual_replay AS manual,
+                  s.retry_policy::text AS retry_policy
     ), bucket AS (
         -- Only rate-limited subscriptions that took work pay tokens; the others keep their
         -- stored state, which yields the same refill next time.
@@ -131,6 +138,6 @@ BEGIN
     )
     SELECT c.delivery_id, c.lease_token, c.attempt, c.subscription_id, c.url, c.event_id,
            c.event_type, c.body, c.secret, c.previous_secret, c.signature_header, c.signers,
-           c.headers, c.event_created_at, c.ordering_key, c.manual
+           c.headers, c.event_created_at, c.ordering_key, c.manual, c.retry_policy
     FROM claimed c;
 END $$;
