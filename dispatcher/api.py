@@ -710,6 +710,15 @@ async def _rotate_secret(request: web.Request) -> web.Response:
     return _json(result)
 
 
+async def _list_subscription_events(request: web.Request) -> web.Response:
+    sid = subscription_id(request.match_info["subscription_id"])
+    q = request.query
+    page = await request.app[MANAGEMENT].list_subscription_events(
+        sid, limit=page_limit(q), before_id=id_cursor(q, "subscription_events")
+    )
+    return _json(page_body(page, "subscription_events"))
+
+
 async def _send_test(request: web.Request) -> web.Response:
     sid = subscription_id(request.match_info["subscription_id"])
     payload = validate_test_event(await _body(request))
@@ -784,6 +793,7 @@ ROUTES: Final[tuple[tuple[str, str, Handler], ...]] = (
     ("POST", "/subscriptions/{subscription_id}/enable", _enable_subscription),
     ("POST", "/subscriptions/{subscription_id}/disable", _disable_subscription),
     ("POST", "/subscriptions/{subscription_id}/rotate-secret", _rotate_secret),
+    ("GET", "/subscriptions/{subscription_id}/events", _list_subscription_events),
     ("POST", "/subscriptions/{subscription_id}/test", _send_test),
     ("POST", "/subscriptions/{subscription_id}/retry-dead", _retry_dead),
     ("GET", "/deliveries", _list_deliveries),

@@ -1,6 +1,6 @@
 """Operator subcommands mirroring the admin API: ``subscriptions get|update|enable|disable|
-delete|rotate-secret|test``, ``deliveries list|get|retry|retry-dead|cancel``, ``events get|
-unrouted``.
+delete|rotate-secret|events|test``, ``deliveries list|get|retry|retry-dead|cancel``, ``events
+get|unrouted``.
 
 They talk to the database directly, through the same validators (``dispatcher.api``) and the
 same statements (``dispatcher.db.management``) as the API, so both accept and reject the same
@@ -16,11 +16,11 @@ import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
-import asyncpg
 import orjson
 
 from dispatcher import api, cli, signing
 from dispatcher.db import management, repository
+from dispatcher.db import pool as db_pool
 
 Env = Mapping[str, str]
 Operation = Callable[[management.Management], Awaitable[Any]]
@@ -30,8 +30,6 @@ def _execute(env: Env, operation: Operation) -> Any:
     """Run one management operation on a short-lived pool; map failures to CliError."""
 
     async def main(dsn: str) -> Any:
-        from dispatcher.db import pool as db_pool  # noqa: PLC0415
-
         pool = await db_pool.create_pool(
             dsn, min_size=1, max_size=1, application_name="dispatcher-cli"
         )
@@ -50,7 +48,7 @@ def _execute(env: Env, operation: Operation) -> Any:
             raise cli.CliError(f"{where}{exc.detail} [{exc.code}]") from None
         except management.ManagementError as exc:
             raise cli.CliError(f"{exc.detail} [{exc.code}]") from None
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except db_pool.ERRORS as exc:
             raise cli.CliError(f"database: {type(exc).__name__}: {exc}") from None
 
 
@@ -139,6 +137,12 @@ ATTEMPT_COLUMNS = (
     ("outcome", "outcome"),
     ("status", "status_code"),
     ("error", "error"),
+)
+SUBSCRIPTION_EVENT_COLUMNS = (
+    ("at", "at"),
+    ("kind", "kind"),
+    ("reason", "reason"),
+    ("source", "source"),
 )
 EVENT_COLUMNS = (
     ("event id", "event_id"),
@@ -250,6 +254,22 @@ def cmd_rotate(args: argparse.Namespace, env: Env) -> int:
         print(f"new secret: {result['secret']}")
         ends = result["rotation_ends_at"]
         print(f"the old secret also signs until {ends}" if ends else "the old secret is retired")
+    return 0
+
+
+def cmd_subscription_events(args: argparse.Namespace, env: Env) -> int:
+    sid = _subscription_id(args.id)
+    query = _query(args)
+    _validated(lambda: api.page_limit(query))
+
+    async def fetch(m: management.Management, q: dict[str, str]) -> dict[str, Any]:
+        page = await m.list_subscription_events(
+            sid, limit=api.page_limit(q), before_id=api.id_cursor(q, "subscription_events")
+        )
+        return api.page_body(page, "subscription_events")
+
+    items, cursor = _pages(args, env, fetch, query)
+    _print_page(args, items, cursor, SUBSCRIPTION_EVENT_COLUMNS)
     return 0
 
 
@@ -473,6 +493,14 @@ def add_subscription_commands(subs: Any) -> None:
     p.add_argument("--secret", help="whsec_… secret to use; generated when omitted")
     _json_flag(p)
     p.set_defaults(func=cmd_rotate)
+
+    p = subs.add_parser(
+        "events", help="health and audit trail (disabled/enabled/paused/resumed), newest first"
+    )
+    p.add_argument("id", metavar="SUBSCRIPTION_ID")
+    _paging(p)
+    _json_flag(p)
+    p.set_defaults(func=cmd_subscription_events)
 
     p = subs.add_parser("test", help="send a dispatcher.test event to this subscription only")
     p.add_argument("id", metavar="SUBSCRIPTION_ID")

@@ -21,14 +21,15 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import asyncpg
 import structlog
 
 from dispatcher import metrics
+from dispatcher.db import pool as db_pool
 
 log = structlog.get_logger("dispatcher.gauges")
 
-DB_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+# Lost or restarted database (incl. asyncpg's InternalClientError): log, count, try again.
+DB_ERRORS = db_pool.ERRORS
 # Undelivered states; parked work (subscription disabled) is reported by subscription_up.
 ACTIVE_STATES = ("pending", "in_flight", "retrying")
 # Above this many unrouted rows the backlog is the id span of the unrouted rows (an upper

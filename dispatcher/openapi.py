@@ -165,6 +165,21 @@ def _schemas() -> dict[str, Any]:
         "updated_at": _DATE_TIME,
         "rotating": {"type": "boolean"},
         "rotation_ends_at": _NULLABLE_DATE_TIME,
+        # Endpoint health (null when not paused / never failed / never delivered).
+        "paused_until": _NULLABLE_DATE_TIME,
+        "paused_reason": _NULLABLE_STRING,
+        "failing_since": _NULLABLE_DATE_TIME,
+        "last_success_at": _NULLABLE_DATE_TIME,
+    }
+    subscription_event_props: dict[str, Any] = {
+        "id": {"type": "integer"},
+        "kind": {"type": "string", "enum": ["disabled", "enabled", "paused", "resumed"]},
+        "reason": _NULLABLE_STRING,
+        "source": {
+            **_NULLABLE_STRING,
+            "description": "Who made the change (application name: dispatcher, dispatcher-cli, …).",
+        },
+        "at": _DATE_TIME,
     }
     delivery_props: dict[str, Any] = {
         "id": {"type": "integer"},
@@ -261,6 +276,8 @@ def _schemas() -> dict[str, Any]:
         "Subscription": obj(subscription_props),
         "SubscriptionWithSecret": obj({**subscription_props, "secret": {"type": "string"}}),
         "SubscriptionPage": page("Subscription"),
+        "SubscriptionEvent": obj(subscription_event_props),
+        "SubscriptionEventPage": page("SubscriptionEvent"),
         "Disable": {
             "type": "object",
             "additionalProperties": False,
@@ -439,6 +456,21 @@ def _paths() -> dict[str, Any]:
                     **not_found,
                 },
                 body="Rotate",
+                tag=s,
+            ),
+        },
+        "/subscriptions/{subscription_id}/events": {
+            "parameters": [sub_id],
+            "get": _op(
+                "listSubscriptionEvents",
+                "Health and audit trail (disabled, enabled, paused, resumed), newest first; "
+                "kept after the subscription is deleted",
+                {
+                    "200": _ok("A page of subscription events", "SubscriptionEventPage"),
+                    **bad,
+                    "404": _problem("No such subscription and no recorded history"),
+                },
+                params=[limit, cursor],
                 tag=s,
             ),
         },

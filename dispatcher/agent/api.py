@@ -15,13 +15,13 @@ import secrets
 from collections.abc import Callable
 from typing import Any
 
-import asyncpg
 import orjson
 import structlog
 from aiohttp import web
 
 from dispatcher import secretbox, ssrf
 from dispatcher.agent import store, validation
+from dispatcher.db import pool as db_pool
 
 log = structlog.get_logger("dispatcher.agent.api")
 
@@ -120,7 +120,7 @@ def build_app(
                     secret=cfg.webhook_secret,
                     box=cfg.box,
                 )
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except db_pool.ERRORS as exc:
             log.warning("agent_job_not_stored", error=f"{type(exc).__name__}")
             return _error(503, "unavailable", None, "the job store is unavailable; retry later")
         log.info("agent_job_accepted", job_id=job_id, prospects=len(job.prospects))
@@ -147,7 +147,7 @@ def build_app(
     async def readyz(_request: web.Request) -> web.Response:
         try:
             await pool.fetchval("SELECT 1")
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        except db_pool.ERRORS:
             return _json({"status": "database unavailable"}, status=503)
         return _json({"status": "ready"})
 

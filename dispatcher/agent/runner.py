@@ -15,14 +15,14 @@ import datetime
 from collections.abc import Callable
 from typing import Any
 
-import asyncpg
 import structlog
 
 from dispatcher.agent import steps, store
+from dispatcher.db import pool as db_pool
 
 log = structlog.get_logger("dispatcher.agent.runner")
 
-_DATABASE_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
+_DATABASE_ERRORS = db_pool.ERRORS
 
 
 def utc_timestamp() -> str:

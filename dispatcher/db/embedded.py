@@ -22,14 +22,15 @@ class EmbeddedPostgres:
 
     def start(self) -> str:
         """Start (or attach to) the server and return a DSN for the ``postgres`` database."""
-        import pgserver  # noqa: PLC0415 (only needed without DATABASE_URL)
-
         # pgserver logs every handle at INFO; keep our output readable.
         logging.getLogger("pgserver").setLevel(logging.WARNING)
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
         with warnings.catch_warnings():
             # platformdirs warns when XDG_RUNTIME_DIR is unset (CI, containers); harmless here.
+            # pgserver asks for its runtime dir at import time, so the import goes in here too.
             warnings.simplefilter("ignore")
+            import pgserver  # noqa: PLC0415 (only needed without DATABASE_URL)
+
             self._server = pgserver.get_server(  # type: ignore[attr-defined]
                 self.data_dir, cleanup_mode="stop"
             )

@@ -82,6 +82,24 @@ _UPDATABLE: dict[str, str] = {
 }
 _JSON_COLUMNS = frozenset({"headers", "retry_policy", "metadata"})
 
+# The repository's subscription columns plus the endpoint-health ones (sql/005_reliability.sql).
+# A pause that has run out is no pause (the claim ignores it), so it reads as null here too.
+SUBSCRIPTION_COLUMNS = (
+    repository.SUBSCRIPTION_COLUMNS
+    + """,
+    CASE WHEN paused_until > now() THEN paused_until END AS paused_until,
+    CASE WHEN paused_until > now() THEN paused_reason END AS paused_reason,
+    failing_since, last_success_at
+"""
+)
+# What a subscription that has never been attempted reports (a fresh row's health columns).
+NO_HEALTH: dict[str, Any] = {
+    "paused_until": None,
+    "paused_reason": None,
+    "failing_since": None,
+    "last_success_at": None,
+}
+
 _DELIVERY_COLUMNS = """
     d.id, d.subscription_id, d.state, d.attempt, d.next_attempt_at, d.last_status, d.last_error,
     d.ordering_key, d.manual_replay, d.event_created_at, d.created_at, d.updated_at,
@@ -91,6 +109,27 @@ _DELIVERY_COLUMNS = """
 
 def _iso(value: datetime.datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
+
+
+def subscription_dict(row: Any) -> dict[str, Any]:
+    """A row selected with :data:`SUBSCRIPTION_COLUMNS` → the API's subscription (no secret)."""
+    return {
+        **repository.subscription_dict(row),
+        "paused_until": _iso(row["paused_until"]),
+        "paused_reason": row["paused_reason"],
+        "failing_since": _iso(row["failing_since"]),
+        "last_success_at": _iso(row["last_success_at"]),
+    }
+
+
+def subscription_event_dict(row: Any) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "kind": row["kind"],
+        "reason": row["reason"],
+        "source": row["source"],
+        "at": _iso(row["at"]),
+    }
 
 
 def delivery_dict(row: Any) -> dict[str, Any]:
@@ -156,7 +195,9 @@ class Management:
 
     async def create_subscription(self, spec: Mapping[str, Any]) -> dict[str, Any]:
         """``spec`` is a validated create request; the result includes the secret."""
-        return await self.repo.create_subscription(**spec)
+        created = await self.repo.create_subscription(**spec)
+        secret = created.pop("secret")
+        return {**created, **NO_HEALTH, "secret": secret}
 
     async def list_subscriptions(
         self,
@@ -169,7 +210,7 @@ class Management:
         # Oldest first on (created_at, id); plain read, no locks.
         rows = await self.pool.fetch(
             f"""
-            SELECT {repository.SUBSCRIPTION_COLUMNS}
+            SELECT {SUBSCRIPTION_COLUMNS}
             FROM webhook_subscriptions
             WHERE ($1::timestamptz IS NULL OR (created_at, id) > ($1, $2::uuid))
               AND ($3::boolean IS NULL OR enabled = $3)
@@ -183,16 +224,20 @@ class Management:
             event_type,
             limit + 1,
         )
-        items = [repository.subscription_dict(r) for r in rows[:limit]]
+        items = [subscription_dict(r) for r in rows[:limit]]
         more = len(rows) > limit
         last = rows[limit - 1] if more else None
         return Page(items, (last["created_at"], last["id"]) if last is not None else None)
 
     async def get_subscription(self, subscription_id: uuid.UUID) -> dict[str, Any]:
-        found = await self.repo.get_subscription(str(subscription_id))
-        if found is None:
+        # Plain read.
+        row = await self.pool.fetchrow(
+            f"SELECT {SUBSCRIPTION_COLUMNS} FROM webhook_subscriptions WHERE id = $1",
+            subscription_id,
+        )
+        if row is None:
             raise NotFound(f"subscription {subscription_id} does not exist")
-        return found
+        return subscription_dict(row)
 
     async def update_subscription(
         self, subscription_id: uuid.UUID, changes: Mapping[str, Any]
@@ -214,13 +259,13 @@ class Management:
             f"""
             UPDATE webhook_subscriptions SET {", ".join(sets)}, updated_at = now()
             WHERE id = $1
-            RETURNING {repository.SUBSCRIPTION_COLUMNS}
+            RETURNING {SUBSCRIPTION_COLUMNS}
             """,
             *args,
         )
         if row is None:
             raise NotFound(f"subscription {subscription_id} does not exist")
-        return repository.subscription_dict(row)
+        return subscription_dict(row)
 
     async def enable_subscription(self, subscription_id: uuid.UUID) -> dict[str, Any]:
         await self.get_subscription(subscription_id)
@@ -257,7 +302,7 @@ class Management:
                 secret = $2,
                 updated_at = now()
             WHERE id = $1
-            RETURNING {repository.SUBSCRIPTION_COLUMNS}
+            RETURNING {SUBSCRIPTION_COLUMNS}
             """,
             subscription_id,
             # Stored sealed when DISPATCHER_SECRET_KEYS is set; shown to the caller in clear.
@@ -266,7 +311,40 @@ class Management:
         )
         if row is None:
             raise NotFound(f"subscription {subscription_id} does not exist")
-        return {**repository.subscription_dict(row), "secret": new_secret}
+        return {**subscription_dict(row), "secret": new_secret}
+
+    async def list_subscription_events(
+        self, subscription_id: uuid.UUID, *, limit: int, before_id: int | None = None
+    ) -> Page:
+        """The subscription's health/audit trail (``webhook_subscription_events``: disabled,
+        enabled, paused, resumed, with reason and source), newest first, keyset on id. The
+        trail outlives a deleted subscription, so it is served as long as either exists."""
+        # Plain reads; the (subscription_id, id) index serves both.
+        rows = await self.pool.fetch(
+            """
+            SELECT id, kind, reason, source, at FROM webhook_subscription_events
+            WHERE subscription_id = $1 AND ($2::bigint IS NULL OR id < $2)
+            ORDER BY id DESC
+            LIMIT $3
+            """,
+            subscription_id,
+            before_id,
+            limit + 1,
+        )
+        if not rows:
+            known = await self.pool.fetchval(
+                """
+                SELECT EXISTS (SELECT 1 FROM webhook_subscriptions WHERE id = $1)
+                    OR EXISTS (SELECT 1 FROM webhook_subscription_events
+                               WHERE subscription_id = $1)
+                """,
+                subscription_id,
+            )
+            if not known:
+                raise NotFound(f"subscription {subscription_id} does not exist")
+        items = [subscription_event_dict(r) for r in rows[:limit]]
+        more = len(rows) > limit
+        return Page(items, (rows[limit - 1]["id"],) if more else None)
 
     async def send_test_event(
         self, subscription_id: uuid.UUID, payload: Mapping[str, Any]
