@@ -364,8 +364,9 @@ def webhook_handler(
     """An aiohttp handler: verify → parse → de-duplicate → ``process`` → acknowledge.
 
     401 on a failed verification, 400 on a body that is not a JSON object, 200 ``duplicate``
-    for an id already processed, 409 while the same id is still being processed here (the
-    sender retries later rather than taking the duplicate as delivered), 500 when ``process``
+    for an id already processed, 503 with ``Retry-After: 1`` while the same id is still being
+    processed here (a retryable answer: the sender tries again shortly instead of taking the
+    duplicate as delivered, and it does not count toward a 4xx limit), 500 when ``process``
     raises — the id is forgotten then, so the sender's retry is processed."""
     in_progress: set[str] = set()
 
@@ -386,7 +387,9 @@ def webhook_handler(
         webhook_id = verified.webhook_id
         if await store.seen_or_remember(webhook_id):
             if webhook_id in in_progress:
-                return web.json_response({"status": "in_progress"}, status=409)
+                return web.json_response(
+                    {"status": "in_progress"}, status=503, headers={"Retry-After": "1"}
+                )
             return web.json_response({"status": "duplicate"})
         in_progress.add(webhook_id)
         try:

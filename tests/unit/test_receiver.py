@@ -498,7 +498,7 @@ async def test_app_fail_ratio_is_reproducible_with_seed(make_client: ClientFacto
     assert set(first) == {200, 500}
 
 
-async def test_handler_answers_409_while_the_same_id_is_in_progress(
+async def test_handler_answers_retryable_503_while_the_same_id_is_in_progress(
     make_client: ClientFactory,
 ) -> None:
     started, release = asyncio.Event(), asyncio.Event()
@@ -517,7 +517,8 @@ async def test_handler_answers_409_while_the_same_id_is_in_progress(
     first = asyncio.create_task(client.post("/hook", data=BODY, headers=headers))
     await asyncio.wait_for(started.wait(), timeout=5)
     resp = await client.post("/hook", data=BODY, headers=headers)
-    assert resp.status == 409
+    assert resp.status == 503
+    assert resp.headers["Retry-After"] == "1"
     release.set()
     assert (await first).status == 200
     resp = await client.post("/hook", data=BODY, headers=headers)
