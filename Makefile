@@ -28,8 +28,12 @@ lint: venv
 	$(BIN)/ruff format --check dispatcher tests grafana deploy
 	$(BIN)/mypy
 
+# Two xdist workers, a test file per worker at a time (module fixtures built once, the chaos
+# scenarios one after another): most tests wait on sockets and child processes, not CPU.
+PYTEST_WORKERS ?= 2
+
 test: venv lint
-	$(BIN)/pytest -q -p no:cacheprovider
+	$(BIN)/pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadfile
 
 test-fast: venv
 	$(BIN)/pytest -q -x -p no:cacheprovider tests/unit

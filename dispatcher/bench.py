@@ -84,19 +84,22 @@ class Options:
 
     @classmethod
     def quick_run(cls, **changes: Any) -> Options:
-        """A few seconds per scenario: proves every part works; the numbers mean little."""
+        """A smoke run of a few seconds in all: proves every part works; the numbers mean
+        little. Most of its time is dispatcher processes starting and stopping, so the sizes
+        are just big enough for every figure to be non-zero, and a scenario waits for its
+        processes to stop claiming rather than to exit (``Bench.retire``)."""
         base = cls(
-            events=800,
+            events=300,
             concurrency=50,
             latency_rate=100.0,
-            latency_seconds=1.0,
-            backlog_small=500,
-            backlog_large=5_000,
-            isolation_events=800,
-            request_timeout_seconds=0.5,
-            footprint_pending=800,
+            latency_seconds=0.4,
+            backlog_small=200,
+            backlog_large=2_000,
+            isolation_events=300,
+            request_timeout_seconds=0.3,
+            footprint_pending=300,
             footprint_seconds=15.0,
-            idle_seconds=1.0,
+            idle_seconds=0.5,
             scenario_timeout_seconds=30.0,
             quick=True,
         )
@@ -237,6 +240,7 @@ class Fleet:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.ports: list[int] = []
         self.logs: list[Path] = []
+        self._terminated: set[int] = set()
 
     def start(self, n: int, name: str) -> None:
         for i in range(n):
@@ -280,6 +284,20 @@ class Fleet:
                         raise RuntimeError("dispatcher did not become ready")
                     await asyncio.sleep(0.05)  # poll interval while the process starts
 
+    async def wait_draining(self, timeout: float = 15.0) -> None:
+        """Until no process answers /readyz with 200: each has stopped claiming (or exited)."""
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession() as session:
+            for proc, port in zip(self.procs, self.ports, strict=True):
+                while proc.poll() is None and time.monotonic() < deadline:
+                    try:
+                        async with session.get(f"http://127.0.0.1:{port}/readyz") as resp:
+                            if resp.status != 200:
+                                break
+                    except (aiohttp.ClientError, OSError):
+                        break
+                    await asyncio.sleep(0.02)  # poll interval while the signal is handled
+
     def cpu_seconds(self) -> float | None:
         values = [proc_cpu_seconds(p.pid) for p in self.procs]
         return None if any(v is None for v in values) else sum(v or 0.0 for v in values)
@@ -291,10 +309,15 @@ class Fleet:
                 total[key] = total.get(key, 0) + value
         return total
 
-    async def stop(self) -> None:
+    def terminate(self) -> None:
+        """SIGTERM each process once: a second SIGTERM makes the dispatcher exit at once."""
         for p in self.procs:
-            if p.poll() is None:
+            if p.poll() is None and p.pid not in self._terminated:
                 p.send_signal(signal.SIGTERM)
+                self._terminated.add(p.pid)
+
+    async def stop(self) -> None:
+        self.terminate()
         deadline = time.monotonic() + 15
         for p in self.procs:
             while p.poll() is None and time.monotonic() < deadline:  # noqa: ASYNC110 (a process, not an event)
@@ -525,6 +548,8 @@ class BenchDb:
                 self._say(f"  seeded {hi:,}/{n:,} pending deliveries")
         await self.conn.execute("ANALYZE webhook_outbox")
         await self.conn.execute("ANALYZE webhook_deliveries")
+        # What routing does after creating deliveries: running dispatchers claim at once.
+        await self.conn.execute("SELECT pg_notify('dispatcher_work', '')")
         return time.monotonic() - started
 
     async def backend_pids(self) -> list[int]:
@@ -616,11 +641,31 @@ class Bench:
         self.say = say
         self.log_dir = Path(tempfile.mkdtemp(prefix="dispatcher-bench-"))
         self.body = orjson.dumps({"i": 0, "pad": payload_pad(options.payload_bytes)})
+        self._retiring: list[Fleet] = []
 
     def fleet(self, **settings: str) -> Fleet:
         base = {"DISPATCHER_MAX_IN_FLIGHT": str(self.o.concurrency)}
         extra = dict(self.o.dispatcher_env)
         return Fleet(self.db.dsn, self.env, self.log_dir, {**base, **settings, **extra})
+
+    async def retire(self, fleet: Fleet) -> None:
+        """Stop a scenario's dispatchers. A quick run waits only until they stop claiming
+        (readiness off: draining) and reaps them in ``close``: each exit takes most of a
+        second. What they still finish cannot touch the next scenario: its TRUNCATE waits for
+        their open statements, and their acknowledgements skip rows that are gone. The full
+        run always waits for the exit, so no shutdown overlaps a measurement."""
+        if self.o.quick:
+            fleet.terminate()
+            self._retiring.append(fleet)
+            await fleet.wait_draining()
+        else:
+            await fleet.stop()
+
+    async def close(self) -> None:
+        """Reap the dispatchers ``retire`` only signalled."""
+        for fleet in self._retiring:
+            await fleet.stop()
+        self._retiring.clear()
 
     async def _subs(self, kind: str, tag: str, n: int) -> list[uuid.UUID]:
         return [
@@ -689,12 +734,17 @@ class Bench:
         o = self.o
         await self.db.reset()
         subs = await self._subs("ok", tag, o.subscriptions)
-        await self.db.seed(subs, o.events, o.payload_bytes)
+        if not o.quick:
+            await self.db.seed(subs, o.events, o.payload_bytes)
         fleet = self.fleet()
         fleet.start(processes, tag)
         try:
             await fleet.wait_ready()
             cpu0 = fleet.cpu_seconds()
+            if o.quick:
+                # A quick run's few events would be gone before the last process is ready:
+                # seeded once all are, so every process (and its CPU) is in the figure.
+                await self.db.seed(subs, o.events, o.payload_bytes)
             db_cpu = DbCpu(self.db)
             await db_cpu.start()
             drain = await watch(
@@ -710,7 +760,7 @@ class Bench:
             cpu1 = fleet.cpu_seconds()
             db_seconds = db_cpu.stop()
         finally:
-            await fleet.stop()
+            await self.retire(fleet)
         return {
             "processes": processes,
             "subscriptions": o.subscriptions,
@@ -756,7 +806,7 @@ class Bench:
                 await asyncio.sleep(0.05)  # poll until the last events arrive
                 stats = await self.receiver.tag("latency")
         finally:
-            await fleet.stop()
+            await self.retire(fleet)
         ms = [v * 1000 for v in stats["latencies"]]
         return {
             "offered_per_second": round(offered, 1),
@@ -792,7 +842,7 @@ class Bench:
                     label=f"backlog {size:,}",
                 )
             finally:
-                await fleet.stop()
+                await self.retire(fleet)
             out[label] = {"pending": size, "seed_seconds": round(seeded, 1), **drain.as_dict()}
         await self.db.reset()
         return out
@@ -826,7 +876,7 @@ class Bench:
                     label=f"isolation ({label} blackhole)",
                 )
             finally:
-                await fleet.stop()
+                await self.retire(fleet)
             out[label] = drain.as_dict()
         out["blackholed_requests"] = (await self.receiver.tag("iso_hole"))["count"]
         return out
@@ -845,7 +895,7 @@ class Bench:
             await fleet.wait_ready()
             rss_at_start = fleet.memory().get("VmRSS", 0)
             self.say(f"  footprint: idle for {o.idle_seconds:g}s")
-            await asyncio.sleep(0.5 if o.quick else 2.0)  # start-up work (first gauges) ends
+            await asyncio.sleep(0.3 if o.quick else 2.0)  # start-up work (first gauges) ends
             idle0 = fleet.cpu_seconds()
             await asyncio.sleep(o.idle_seconds)  # the idle window being measured
             idle1 = fleet.cpu_seconds()
@@ -870,7 +920,7 @@ class Bench:
             cpu1 = fleet.cpu_seconds()
             peak_rss = max(peak_rss, fleet.memory().get("VmHWM", 0))
         finally:
-            await fleet.stop()
+            await self.retire(fleet)
         idle = None if idle0 is None or idle1 is None else (idle1 - idle0) / o.idle_seconds * 100
         return {
             "pending": o.footprint_pending,
@@ -1114,6 +1164,7 @@ async def run(options: Options, server_dsn: str, *, env: Mapping[str, str]) -> i
     say(f"creating database {db.name}")
     await db.create()
     report: dict[str, Any] = {"version": __version__}
+    bench: Bench | None = None
     try:
         receiver.start()
         say(f"receiver on 127.0.0.1:{receiver.port} (pid {receiver.pid})")
@@ -1142,6 +1193,8 @@ async def run(options: Options, server_dsn: str, *, env: Mapping[str, str]) -> i
             report[name] = await steps[name]()
             say(f"{name}: {_summary(report[name])}")
     finally:
+        if bench is not None:
+            await bench.close()
         await receiver.stop()
         say(f"dropping database {db.name}")
         await db.drop()

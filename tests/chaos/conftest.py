@@ -3,7 +3,9 @@
 ``DISPATCHER_CHAOS_LONG=1`` (``make chaos``) runs the long form: more seeds, bigger backlogs.
 The short form runs inside ``make test``. At the end of the session the table of scenarios
 (lost, duplicates, inversions, the scenario's own figure) is printed and written to
-``.dispatcher/chaos-table.md``.
+``.dispatcher/chaos-table.md``. Under pytest-xdist (``make test`` runs ``-n 2``) each worker
+hands its rows to the controller, which prints the table; the controller loads this file
+because ``tests/chaos`` is one of the ``testpaths`` (pyproject.toml).
 """
 
 from __future__ import annotations
@@ -43,6 +45,19 @@ def table() -> str:
         for r in ROWS
     ]
     return "\n".join(lines)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    # An xdist worker: its rows travel to the controller with the worker's output.
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["chaos_rows"] = list(ROWS)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    # The xdist controller: collect each worker's rows as it finishes.
+    ROWS.extend(getattr(node, "workeroutput", {}).get("chaos_rows", []))
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

@@ -70,22 +70,20 @@ async def _failed(result: Result, *needles: str) -> None:
 
 
 async def test_subscription_lifecycle(dsn: str) -> None:
-    created = (
-        await _cli(
+    # Independent invocations run side by side: each is a whole interpreter start-up.
+    added, missing = await asyncio.gather(
+        _cli(
             dsn, "subscriptions", "add", "--url", "http://127.0.0.1:9/hook", "--event-type", "a.*"
-        )
-    ).json()
-    sid = created["id"]
-
-    got, missing = await asyncio.gather(
-        _cli(dsn, "subscriptions", "get", sid, "--json"),
+        ),
         _cli(dsn, "subscriptions", "get", "00000000-0000-0000-0000-000000000000"),
     )
-    assert got.json()["url"] == "http://127.0.0.1:9/hook"
-    assert "secret" not in got.json()
+    created = added.json()
+    sid = created["id"]
     await _failed(missing, "does not exist", "[not_found]")
 
-    updated, blocked = await asyncio.gather(
+    # `get` reads the URL, which the concurrent update leaves alone.
+    got, updated, blocked = await asyncio.gather(
+        _cli(dsn, "subscriptions", "get", sid, "--json"),
         _cli(
             dsn,
             "subscriptions",
@@ -105,6 +103,8 @@ async def test_subscription_lifecycle(dsn: str) -> None:
         ),
         _cli(dsn, "subscriptions", "update", sid, "--url", "http://169.254.169.254/x"),
     )
+    assert got.json()["url"] == "http://127.0.0.1:9/hook"
+    assert "secret" not in got.json()
     body = updated.json()
     assert (body["max_in_flight"], body["rate_limit_per_second"]) == (3, 5.0)
     assert body["headers"] == {"X-Team": "billing"}
@@ -155,11 +155,17 @@ async def test_deliveries_and_events(dsn: str, pool: Any) -> None:
         )
     }
 
-    every, dead, table, bad_since = await asyncio.gather(
+    pending_id = str(ids[events[2]])
+    # Every read-only invocation at once: each is a whole interpreter start-up.
+    every, dead, table, bad_since, detail, unrouted, event_table, no_event = await asyncio.gather(
         _cli(dsn, "deliveries", "list", "--limit", "1", "--all", "--json"),
         _cli(dsn, "deliveries", "list", "--state", "dead", "--subscription", sid, "--json"),
         _cli(dsn, "deliveries", "list"),
         _cli(dsn, "deliveries", "list", "--since", "yesterday"),
+        _cli(dsn, "deliveries", "get", pending_id),
+        _cli(dsn, "events", "unrouted", "--json"),
+        _cli(dsn, "events", "get", events[0]),
+        _cli(dsn, "events", "get", "evt_missing"),
     )
     assert sorted(d["id"] for d in every.json()["items"]) == sorted(ids.values())
     assert {d["event_id"] for d in dead.json()["items"]} == set(events[:2])
@@ -167,6 +173,11 @@ async def test_deliveries_and_events(dsn: str, pool: Any) -> None:
     assert table.out.splitlines()[0].split()[:3] == ["ID", "STATE", "ATTEMPTS"]
     assert len(table.out.splitlines()) == 4
     await _failed(bad_since, "created_after", "RFC 3339")
+    assert detail.code == 0
+    assert "event_type" in detail.out
+    assert [e["event_id"] for e in unrouted.json()["items"]] == [unmatched]
+    assert events[0] in event_table.out
+    await _failed(no_event, "[not_found]")
 
     replay = await _cli(
         dsn,
@@ -186,26 +197,11 @@ async def test_deliveries_and_events(dsn: str, pool: Any) -> None:
     rows = await pool.fetch("SELECT state, manual_replay FROM webhook_deliveries")
     assert [(r["state"], r["manual_replay"]) for r in rows].count(("pending", True)) == 2
 
-    pending_id = str(ids[events[2]])
-    detail, retried = await asyncio.gather(
-        _cli(dsn, "deliveries", "get", pending_id),
-        _cli(dsn, "deliveries", "retry", pending_id, "--json"),
-    )
-    assert detail.code == 0
-    assert "event_type" in detail.out
+    retried = await _cli(dsn, "deliveries", "retry", pending_id, "--json")
     assert retried.json()["manual_retry_pending"] is True
     cancelled = (await _cli(dsn, "deliveries", "cancel", pending_id, "--json")).json()
     assert cancelled["state"] == "cancelled"
     await _failed(await _cli(dsn, "deliveries", "cancel", pending_id), "[delivery_not_cancellable]")
-
-    unrouted, event_table, no_event = await asyncio.gather(
-        _cli(dsn, "events", "unrouted", "--json"),
-        _cli(dsn, "events", "get", events[0]),
-        _cli(dsn, "events", "get", "evt_missing"),
-    )
-    assert [e["event_id"] for e in unrouted.json()["items"]] == [unmatched]
-    assert events[0] in event_table.out
-    await _failed(no_event, "[not_found]")
 
 
 async def test_unreachable_database_is_a_clear_error() -> None:
