@@ -103,12 +103,7 @@ BEGIN
           AND d.state IN ('pending', 'retrying')
           AND NOT EXISTS (SELECT 1 FROM webhook_deliveries f
                           WHERE f.subscription_id = p_subscription AND f.state = 'in_flight')
-          AND (d.ordering_key IS NULL OR NOT EXISTS (
-                SELECT 1 FROM webhook_deliveries e
-                WHERE e.subscription_id = d.subscription_id
-                  AND e.ordering_key = d.ordering_key
-                  AND e.outbox_id < d.outbox_id
-                  AND e.state IN ('pending', 'in_flight', 'retrying', 'parked')))
+          AND NOT dispatcher_ordering_blocked(d.subscription_id, d.ordering_key, d.outbox_id)
         ORDER BY d.next_attempt_at, d.id
         LIMIT 1
         FOR UPDATE OF d SKIP LOCKED

@@ -13,8 +13,9 @@
 --      lives on the subscription row (003), is read after the lock and written back in the
 --      same statement; at most floor(tokens) deliveries are taken. Its clock is
 --      clock_timestamp() read after the locks, so per subscription it only moves forward.
---   3. Ordering: a delivery with an ordering_key is eligible only when no earlier delivery
---      (by outbox id) with the same key for the same subscription is still unfinished.
+--   3. Ordering: a delivery with an ordering_key is eligible only when no earlier event with
+--      the same key is unrouted or unfinished for this subscription (dispatcher_ordering_blocked,
+--      001).
 --   4. Paused (circuit breaker, 005) and disabled subscriptions are skipped; the health
 --      probe claims through dispatcher_claim_probe() instead.
 --   5. Fencing: every claim writes a fresh lease_token and leased_until from the database
@@ -96,12 +97,7 @@ BEGIN
             WHERE d.subscription_id = subs.id
               AND d.state IN ('pending', 'retrying')
               AND d.next_attempt_at <= now()
-              AND (d.ordering_key IS NULL OR NOT EXISTS (
-                    SELECT 1 FROM webhook_deliveries e
-                    WHERE e.subscription_id = d.subscription_id
-                      AND e.ordering_key = d.ordering_key
-                      AND e.outbox_id < d.outbox_id
-                      AND e.state IN ('pending', 'in_flight', 'retrying', 'parked')))
+              AND NOT dispatcher_ordering_blocked(d.subscription_id, d.ordering_key, d.outbox_id)
             ORDER BY d.next_attempt_at, d.id
             LIMIT greatest(subs.free, 0)
             FOR UPDATE OF d SKIP LOCKED

@@ -128,3 +128,28 @@ async def test_rolled_back_transaction_publishes_nothing(pool: Any) -> None:
         with pytest.raises(RuntimeError):
             await business_change(conn)
     assert await pool.fetchval("SELECT count(*) FROM webhook_outbox") == 0
+
+
+async def test_later_batch_routed_first_still_waits_for_the_earlier_event(pool: Any) -> None:
+    """Replicas route disjoint batches in parallel (SKIP LOCKED): the batch holding a later
+    event with the same ordering key can commit first. Its delivery must wait until the
+    earlier event is routed and delivered (the chaos suite found this with 3 replicas)."""
+    repo = repository.Repository(pool)
+    await _sub(repo, "http://127.0.0.1:1/a", ["k.*"])
+    async with pool.acquire() as conn:
+        first = await dispatcher.publish(conn, "k.e", {"n": 1}, ordering_key="job-1")
+        await dispatcher.publish(conn, "k.e", {"n": 2}, ordering_key="job-1")
+    async with pool.acquire() as other_router:
+        tx = other_router.transaction()
+        await tx.start()
+        # Another replica is routing the first event right now (holds its row lock).
+        await other_router.execute(
+            "SELECT 1 FROM webhook_outbox WHERE event_id = $1 FOR UPDATE", first
+        )
+        stats = await repo.route(10)
+        assert (stats.events, stats.deliveries) == (1, 1)  # only the second event was routed
+        assert await repo.claim("w", 10, lease_seconds=30) == []
+        await tx.rollback()
+    await repo.route(10)
+    [job] = await repo.claim("w", 10, lease_seconds=30)
+    assert job.event_id == first
