@@ -110,25 +110,9 @@ END $$;
 CREATE TRIGGER webhook_outbox_notify AFTER INSERT ON webhook_outbox
     FOR EACH STATEMENT EXECUTE FUNCTION webhook_outbox_notify();
 
--- Unrouted events with an ordering key, for the ordering rule below.
+-- Unrouted events with an ordering key: the claims' ordering rule (006_claim.sql) checks them.
 CREATE INDEX webhook_outbox_unrouted_key ON webhook_outbox (ordering_key, id)
     WHERE routed_at IS NULL AND ordering_key IS NOT NULL;
-
--- The ordering rule, in one place for every claim: a delivery with an ordering_key waits while
--- an earlier event (lower outbox id) with the same key is either still unrouted (replicas
--- route disjoint batches in parallel, so a later batch can be routed first) or has an
--- unfinished delivery to the same subscription.
-CREATE FUNCTION dispatcher_ordering_blocked(p_subscription uuid, p_key text, p_outbox_id bigint)
-RETURNS boolean LANGUAGE sql STABLE AS $$
-    SELECT p_key IS NOT NULL AND (
-        EXISTS (SELECT 1 FROM webhook_outbox u
-                WHERE u.ordering_key = p_key AND u.id < p_outbox_id AND u.routed_at IS NULL)
-        OR EXISTS (SELECT 1 FROM webhook_deliveries e
-                   WHERE e.subscription_id = p_subscription
-                     AND e.ordering_key = p_key
-                     AND e.outbox_id < p_outbox_id
-                     AND e.state IN ('pending', 'in_flight', 'retrying', 'parked')))
-$$;
 
 -- The claim function, dispatcher_claim(), is defined once in 006_claim.sql, after every
 -- column it reads exists.

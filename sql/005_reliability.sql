@@ -84,7 +84,8 @@ CREATE TRIGGER webhook_subscription_audit
 -- probe slot (health.py moves probe_at forward under a row lock first). Same result columns
 -- and lease/fencing as dispatcher_claim(), but it ignores next_attempt_at (the probe *is*
 -- the retry) and paused_until (the subscription is paused by definition), and it still
--- honours ordering keys and takes nothing while the subscription has work in flight.
+-- honours ordering keys (the same rule as dispatcher_claim(), 006) and takes nothing while
+-- the subscription has work in flight.
 CREATE FUNCTION dispatcher_claim_probe(p_worker text, p_subscription uuid,
                                        p_lease_seconds double precision)
 RETURNS TABLE (
@@ -103,7 +104,19 @@ BEGIN
           AND d.state IN ('pending', 'retrying')
           AND NOT EXISTS (SELECT 1 FROM webhook_deliveries f
                           WHERE f.subscription_id = p_subscription AND f.state = 'in_flight')
-          AND NOT dispatcher_ordering_blocked(d.subscription_id, d.ordering_key, d.outbox_id)
+          AND (d.ordering_key IS NULL OR (
+                -- Ordering: no earlier event with this key still unrouted (replicas route
+                -- disjoint batches in parallel, so a later batch can be routed first) ...
+                NOT EXISTS (SELECT 1 FROM webhook_outbox u
+                            WHERE u.ordering_key = d.ordering_key AND u.id < d.outbox_id
+                              AND u.routed_at IS NULL)
+                -- ... and none unfinished for this subscription.
+                AND NOT EXISTS (SELECT 1 FROM webhook_deliveries e
+                                WHERE e.subscription_id = d.subscription_id
+                                  AND e.ordering_key = d.ordering_key
+                                  AND e.outbox_id < d.outbox_id
+                                  AND e.state IN ('pending', 'in_flight', 'retrying',
+                                                  'parked'))))
         ORDER BY d.next_attempt_at, d.id
         LIMIT 1
         FOR UPDATE OF d SKIP LOCKED
