@@ -38,10 +38,6 @@ from dispatcher.db import pool as db_pool
 log = structlog.get_logger("dispatcher.app")
 
 
-class SchemaNotReady(RuntimeError):
-    pass
-
-
 class Dispatcher:
     """One dispatcher process. ``await run(stop)`` until ``stop`` is set."""
 
@@ -75,13 +71,7 @@ class Dispatcher:
         s = self.settings
         self.pool = await db_pool.create_pool(s.database_url, min_size=2, max_size=8)
         try:
-            async with self.pool.acquire() as conn:
-                missing = await migrate.pending(conn)
-            if missing:
-                raise SchemaNotReady(
-                    f"database schema is not current (missing {', '.join(missing)}); "
-                    "run `dispatcher migrate` first"
-                )
+            await migrate.require_current(self.pool)
             await self._serve(stop)
         finally:
             await self.pool.close()

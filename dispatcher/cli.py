@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 
 from dispatcher import config, logs, secretbox, ssrf
+from dispatcher.db import migrate
 
 # Every environment variable the CLI reads: name → (default, meaning). The README's
 # configuration table and the deploy files are checked against this list.
@@ -322,7 +323,7 @@ def cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
         try:
             _run(main())
-        except app.SchemaNotReady as exc:
+        except migrate.SchemaNotReady as exc:
             raise CliError(str(exc)) from None
     return 0
 
@@ -476,7 +477,7 @@ def cmd_agent(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
         try:
             _run(main())
-        except agent_app.SchemaNotReady as exc:
+        except migrate.SchemaNotReady as exc:
             raise CliError(str(exc)) from None
     return 0
 

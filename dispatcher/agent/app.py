@@ -23,10 +23,6 @@ from dispatcher.db import pool as db_pool
 log = structlog.get_logger("dispatcher.agent")
 
 
-class SchemaNotReady(RuntimeError):
-    pass
-
-
 @dataclasses.dataclass(frozen=True, slots=True)
 class AgentSettings:
     """Everything ``dispatcher agent`` needs; defaults are the documented ones."""
@@ -89,13 +85,7 @@ class Agent:
             application_name="dispatcher-agent",
         )
         try:
-            async with self.pool.acquire() as conn:
-                missing = await migrate.pending(conn)
-            if missing:
-                raise SchemaNotReady(
-                    f"database schema is not current (missing {', '.join(missing)}); "
-                    "run `dispatcher migrate` first"
-                )
+            await migrate.require_current(self.pool)
             await self._serve(stop)
         finally:
             await self.pool.close()

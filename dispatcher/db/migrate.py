@@ -23,6 +23,10 @@ class MigrationError(RuntimeError):
     pass
 
 
+class SchemaNotReady(MigrationError):
+    """The database lacks migrations this code needs: run ``dispatcher migrate``."""
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Migration:
     version: int
@@ -94,3 +98,14 @@ async def pending(conn: Any, sql_dir: Path = SQL_DIR) -> list[str]:
     if exists:
         done = {r["version"] for r in await conn.fetch("SELECT version FROM dispatcher_migrations")}
     return [m.name for m in migrations if m.version not in done]
+
+
+async def require_current(pool: Any) -> None:
+    """Refuse to serve on a schema that is behind the code."""
+    async with pool.acquire() as conn:
+        missing = await pending(conn)
+    if missing:
+        raise SchemaNotReady(
+            f"database schema is not current (missing {', '.join(missing)}); "
+            "run `dispatcher migrate` first"
+        )
