@@ -199,7 +199,6 @@ class Claimer:
         self._claiming = True
         self._tasks: dict[asyncio.Task[None], delivery.Job] = {}
         self._next_due = float("inf")
-        self.claimed = 0
 
     # -- wake-ups --------------------------------------------------------------------------
 
@@ -253,7 +252,6 @@ class Claimer:
                 continue
             for job in jobs:
                 self._start(job)
-            self.claimed += len(jobs)
             self._backlogged = len(jobs) == want
             if not self._backlogged and self._claiming:
                 await self._idle(self._idle_timeout())

@@ -146,9 +146,8 @@ class Settings:
     # SSRF guard: non-global destinations are refused unless inside one of these CIDRs.
     allow_cidrs: tuple[str, ...] = ()
     https_only: bool = False
-    # Ack writer: most results written per statement, and how long to gather them.
+    # Ack writer: most results written per statement.
     ack_batch: int = 500
-    ack_linger_seconds: float = 0.002
     # Subscription secrets at rest: "kid:base64key,…", first = current (dispatcher.secretbox).
     secret_keys: str = dataclasses.field(repr=False, default="")
     health: HealthPolicy = dataclasses.field(default_factory=HealthPolicy)

@@ -1,31 +1,17 @@
-"""Attempt outcomes and the dispatcher's exception tree.
-
-    DispatcherError
-    ├── ConfigError            (dispatcher.config)
-    ├── SigningError           (dispatcher.signing)
-    ├── DatabaseUnavailable    the database could not be reached in time
-    └── NotFound               an id that does not exist (admin API, CLI)
+"""Attempt outcomes: what one HTTP attempt came to.
 
 An HTTP attempt never raises: the sender classifies what happened into an ``AttemptResult``
-(``Verdict`` + metric ``outcome`` label) and only the claimer decides what follows.
+(a ``Verdict`` for the claimer, an ``Outcome`` for the metric label) and only the claimer
+decides what follows. Errors live beside what raises them: bad input as ``ValueError``
+subclasses (``config.ConfigError``, ``signing.SigningError``, ``ssrf.InvalidUrlError``),
+refused management operations as ``db.management.ManagementError`` (``NotFound``,
+``Conflict``), database trouble as asyncpg's own errors, grouped in ``db.pool.ERRORS``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
-
-
-class DispatcherError(Exception):
-    """Base of the dispatcher's own errors."""
-
-
-class DatabaseUnavailable(DispatcherError):
-    pass
-
-
-class NotFound(DispatcherError):
-    pass
 
 
 class Verdict(enum.Enum):

@@ -6,14 +6,11 @@ replicas, see ``dispatcher_claim``); this only bounds what one process puts on t
 
 from __future__ import annotations
 
-import asyncio
-
 
 class GlobalLimiter:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.in_use = 0
-        self._freed = asyncio.Event()
 
     def free(self) -> int:
         return self.capacity - self.in_use
@@ -25,9 +22,3 @@ class GlobalLimiter:
 
     def release(self) -> None:
         self.in_use -= 1
-        self._freed.set()
-
-    async def wait_for_free(self) -> None:
-        while self.free() <= 0:
-            self._freed.clear()
-            await self._freed.wait()

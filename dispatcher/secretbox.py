@@ -95,10 +95,6 @@ class SecretBox:
     def encrypting(self) -> bool:
         return self.current_key_id is not None
 
-    @property
-    def key_ids(self) -> tuple[str, ...]:
-        return tuple(self._keys)
-
     def seal(self, secret: str) -> str:
         """Plain secret → stored form (under the current key; plaintext when there is none)."""
         if self.current_key_id is None:
@@ -139,9 +135,6 @@ class SecretBox:
             self._cache.clear()
         self._cache[stored] = plain
         return plain
-
-    def open_optional(self, stored: str | None) -> str | None:
-        return None if stored is None else self.open(stored)
 
     def needs_reseal(self, stored: str | None) -> bool:
         """True when ``stored`` is not sealed under the current key (plaintext, older key)."""
