@@ -9,6 +9,7 @@ server this module starts in a temporary directory.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import signal
@@ -321,14 +322,20 @@ def throwaway_pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     import warnings
 
     import pgserver
+    from pgserver._commands import pg_ctl
 
+    data = tmp_path_factory.mktemp("pg") / "data"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        server = pgserver.get_server(tmp_path_factory.mktemp("pg") / "data", cleanup_mode="stop")
+        server = pgserver.get_server(data, cleanup_mode="stop")
     yield server
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         server.cleanup()
+    # The tests restart the server with pg_ctl, so pgserver no longer knows the postmaster it
+    # would stop: stop whatever runs on this data directory, or it outlives the test run.
+    with contextlib.suppress(Exception):
+        pg_ctl(["-m", "immediate", "-w", "stop"], pgdata=server.pgdata, user=server.system_user)
 
 
 @pytest.fixture
