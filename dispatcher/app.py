@@ -18,8 +18,6 @@ from aiohttp import web
 
 from dispatcher import (
     __version__,
-    admin,
-    api,
     claimer,
     config,
     delivery,
@@ -34,6 +32,7 @@ from dispatcher import (
 )
 from dispatcher.db import listener, management, migrate, repository
 from dispatcher.db import pool as db_pool
+from dispatcher.web import admin_api, probes
 
 log = structlog.get_logger("dispatcher.app")
 
@@ -63,7 +62,7 @@ class Dispatcher:
         self.pool: Any = None
         self.repo: repository.Repository | None = None
         self.claimer: claimer.Claimer | None = None
-        self.health: admin.Health | None = None
+        self.readiness: probes.Readiness | None = None
         self.bound_port: int | None = None
         self.ready = asyncio.Event()
 
@@ -81,9 +80,9 @@ class Dispatcher:
         repo = self.repo = repository.Repository(self.pool, box=self.box)
         if not self.box.encrypting:
             log.warning("secrets_stored_in_plaintext", hint="set DISPATCHER_SECRET_KEYS")
-        self.health = admin.Health(repo.ping)
+        self.readiness = probes.Readiness(repo.ping)
         signers = signing.SignerRegistry.load()
-        management_api = api.build(
+        management_api = admin_api.build(
             management.Management(self.pool, repo),
             token=s.admin_token,
             policy=self.policy,
@@ -91,11 +90,11 @@ class Dispatcher:
         )
         guarded = [f"/{name}" for name in config.PROBE_ENDPOINTS if name not in s.open_endpoints]
         runner = web.AppRunner(
-            admin.build_app(
-                self.health,
+            probes.build_app(
+                self.readiness,
                 self.registry,
                 api=management_api,
-                middlewares=[api.probe_guard(s.admin_token, guarded)] if guarded else [],
+                middlewares=[admin_api.probe_guard(s.admin_token, guarded)] if guarded else [],
             ),
             access_log=None,
         )
@@ -120,7 +119,7 @@ class Dispatcher:
             self.pool,
             repo,
             self.metrics,
-            s.health,
+            s.endpoint_health,
             worker=s.worker_id,
             lease_seconds=s.lease_seconds,
             # Late-bound: the claimer (built next) reports to the monitor and runs its probes.
@@ -178,7 +177,7 @@ class Dispatcher:
             ),
         ]
         claim = asyncio.create_task(work.run(), name="claimer")
-        self.health.started = True
+        self.readiness.started = True
         self.ready.set()
         log.info(
             "dispatcher_started",
@@ -197,7 +196,7 @@ class Dispatcher:
             stopped.cancel()
         finally:
             log.info("dispatcher_draining", in_flight=work.in_flight())
-            self.health.draining = True
+            self.readiness.draining = True
             work.stop_claiming()
             background_stop.set()
             with contextlib.suppress(asyncio.CancelledError, TimeoutError):

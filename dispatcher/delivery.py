@@ -12,23 +12,9 @@ from collections.abc import Callable, Mapping
 
 import aiohttp
 
-from dispatcher import backoff, errors, signing
+from dispatcher import backoff, errors, signing, validation
 
 USER_AGENT = "dispatcher-webhooks/0.1"
-# Headers a subscription's custom headers may not override: the signature and framing ones.
-RESERVED_HEADERS = frozenset(
-    {
-        "content-type",
-        "content-length",
-        "host",
-        "user-agent",
-        "webhook-id",
-        "webhook-timestamp",
-        "webhook-signature",
-        "transfer-encoding",
-        "connection",
-    }
-)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -92,7 +78,7 @@ class Sender:
 
     def build_headers(self, job: Job, timestamp: int) -> dict[str, str]:
         headers = (
-            {k: v for k, v in job.headers.items() if k.lower() not in RESERVED_HEADERS}
+            {k: v for k, v in job.headers.items() if k.lower() not in validation.RESERVED_HEADERS}
             if job.headers
             else {}
         )

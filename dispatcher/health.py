@@ -190,7 +190,7 @@ class Monitor:
         pool: Any,
         repo: repository.Repository,
         m: metrics.Metrics,
-        policy: config.HealthPolicy,
+        policy: config.EndpointHealthPolicy,
         *,
         worker: str,
         lease_seconds: float,

@@ -125,7 +125,7 @@ def fast_settings(dsn: str, **changes: Any) -> config.Settings:
         worker_id=f"test-{uuid.uuid4().hex[:6]}",
         # The circuit breaker is off unless a test asks for it: it would pause subscriptions
         # that tests fail on purpose (tests/integration/test_health.py turns it on).
-        health=config.HealthPolicy(breaker_failure_ratio=0, interval_seconds=0.05),
+        endpoint_health=config.EndpointHealthPolicy(breaker_failure_ratio=0, interval_seconds=0.05),
     )
     return base.replace(**changes)
 

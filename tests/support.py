@@ -1,4 +1,5 @@
-"""Test helpers shared by every suite: waiting with a deadline, DSN surgery, a real receiver.
+"""Test helpers shared by every suite: waiting with a deadline, DSN surgery, a real receiver,
+the CLI as a subprocess.
 
 Nothing here sleeps to wait for a condition: ``wait_for`` polls a predicate until a deadline.
 """
@@ -17,6 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -152,3 +154,37 @@ def spawn_dispatcher(
         stdout=out,
         stderr=subprocess.STDOUT,
     )
+
+
+@dataclasses.dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> Any:
+        assert self.code == 0, self
+        return orjson.loads(self.out)
+
+
+def cli_env(dsn: str, **extra: str) -> dict[str, str]:
+    """This process's environment without DISPATCHER_* settings, pointed at ``dsn``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCHER_")}
+    return {**env, "DATABASE_URL": dsn, **extra}
+
+
+async def run_cli(env: dict[str, str], *args: str) -> CliResult:
+    """``python -m dispatcher ARGS`` as a real subprocess, with a deadline."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "dispatcher",
+        *args,
+        env=env,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+    assert proc.returncode is not None
+    return CliResult(proc.returncode, out.decode(), err.decode())

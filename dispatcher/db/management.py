@@ -1,6 +1,6 @@
 """SQL for the management operations the admin API and the CLI share (one implementation).
 
-Takes values that are already validated (``dispatcher.api`` validates) and returns plain
+Takes values that are already validated (``dispatcher.validation`` validates) and returns plain
 dicts in the shape the API serves. Unknown ids raise ``NotFound``; operations that do not
 fit the current state raise ``Conflict``. The delivery-core SQL and the basic subscription
 statements stay in ``repository``; this module reuses them. No HTTP, no argument parsing,

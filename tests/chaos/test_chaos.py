@@ -492,7 +492,7 @@ async def test_listen_connection_lost_while_events_arrive(
 # -- receivers misbehaving --------------------------------------------------------------------
 
 
-FAST_HEALTH = config.HealthPolicy(
+FAST_HEALTH = config.EndpointHealthPolicy(
     disable_after_seconds=0,
     breaker_failure_ratio=0.5,
     breaker_min_attempts=10,
@@ -516,7 +516,7 @@ async def test_flaky_then_down_then_healthy(
     sid = await subscribe(pool, chaos.url("a"), max_in_flight=4)
     n = 600 if LONG else 200
     await publish(pool, n, keys=5)
-    running = await start_dispatcher(retry=MANY_RETRIES, health=FAST_HEALTH)
+    running = await start_dispatcher(retry=MANY_RETRIES, endpoint_health=FAST_HEALTH)
     await support.wait_for(lambda: len(chaos.log) >= 60, timeout=20, message="flaky phase")
     phase["now"] = "down"
     down_at = len(chaos.log)

@@ -12,7 +12,7 @@ from dispatcher.db import repository
 from tests import support
 
 SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
-FAST_HEALTH = config.HealthPolicy(
+FAST_HEALTH = config.EndpointHealthPolicy(
     disable_after_seconds=0,
     breaker_failure_ratio=0.5,
     breaker_min_attempts=4,
@@ -55,7 +55,7 @@ async def test_breaker_pauses_a_sick_endpoint_probes_it_and_resumes_on_recovery(
     receiver.respond = lambda _n, _h, _b: (200 if healthy["now"] else 503, {}, 0.0)
     sid = await _subscribe(pool, receiver.url)
     await _publish(pool, 20)
-    running = await start_dispatcher(health=FAST_HEALTH, retry=MANY_RETRIES)
+    running = await start_dispatcher(endpoint_health=FAST_HEALTH, retry=MANY_RETRIES)
 
     async def paused() -> bool:
         return any(e["kind"] == "paused" for e in await _events(pool, sid))
@@ -121,7 +121,7 @@ async def test_a_paused_subscription_is_not_claimed_until_its_pause_ends(
         sid,
     )
     await _publish(pool, 3)
-    await start_dispatcher(health=FAST_HEALTH)
+    await start_dispatcher(endpoint_health=FAST_HEALTH)
     await support.wait_for(
         lambda: _count_state(pool, "pending", 3), timeout=5, message="routed and pending"
     )
@@ -147,10 +147,10 @@ async def test_failing_for_the_whole_window_disables_and_enabling_starts_clean(
     receiver.respond = lambda _n, _h, _b: (200 if healthy["now"] else 500, {}, 0.0)
     sid = await _subscribe(pool, receiver.url)
     await _publish(pool, 5)
-    policy = config.HealthPolicy(
+    policy = config.EndpointHealthPolicy(
         disable_after_seconds=0.6, breaker_failure_ratio=0, interval_seconds=0.05
     )
-    running = await start_dispatcher(health=policy, retry=MANY_RETRIES)
+    running = await start_dispatcher(endpoint_health=policy, retry=MANY_RETRIES)
     await support.wait_for(
         lambda: _enabled(pool, sid, False), timeout=10, message="auto-disable after the window"
     )
@@ -190,7 +190,7 @@ async def test_410_disable_is_audited_with_its_reason(
     receiver.respond = lambda _n, _h, _b: (410, {}, 0.0)
     sid = await _subscribe(pool, receiver.url)
     await _publish(pool, 1)
-    await start_dispatcher(health=FAST_HEALTH)
+    await start_dispatcher(endpoint_health=FAST_HEALTH)
     await support.wait_for(lambda: _enabled(pool, sid, False), timeout=10, message="disabled")
     events = await _events(pool, sid)
     assert [(e["kind"], e["reason"]) for e in events] == [
@@ -204,7 +204,7 @@ async def test_4xx_answers_count_for_the_window_but_do_not_trip_the_breaker(
     receiver.respond = lambda _n, _h, _b: (400, {}, 0.0)
     sid = await _subscribe(pool, receiver.url)
     await _publish(pool, 10)
-    await start_dispatcher(health=FAST_HEALTH)
+    await start_dispatcher(endpoint_health=FAST_HEALTH)
     await support.wait_for(lambda: _count_state(pool, "dead", 10), timeout=10, message="dead")
     await support.wait_for(
         lambda: _failing_started(pool, sid), timeout=5, message="failing_since set"

@@ -262,7 +262,8 @@ async def test_every_dashboard_query_and_alert_expression_returns_data(
         subs[name] = str(sub["id"])
     # Circuit breaker off: the broken endpoint must keep failing through to dead letters.
     running = await start_dispatcher(
-        gauge_interval_seconds=0.2, health=config.HealthPolicy(breaker_failure_ratio=0)
+        gauge_interval_seconds=0.2,
+        endpoint_health=config.EndpointHealthPolicy(breaker_failure_ratio=0),
     )
     max_attempts = running.dispatcher.settings.retry.max_attempts
     prometheus = Prometheus(prometheus_binary, tmp_path, running.dispatcher.bound_port)

@@ -30,8 +30,9 @@ import asyncpg
 import prometheus_client as prom
 from aiohttp import web
 
-from dispatcher import admin, app, gauges, metrics
+from dispatcher import app, gauges, metrics
 from dispatcher.db import embedded, repository
+from dispatcher.web import probes
 from tests import support
 
 DATABASE = "dispatcher_scrape_cost"
@@ -148,8 +149,8 @@ async def scrape_cost(pool: Any, subscriptions: int, max_labels: int, runs: int)
         m.attempt_duration.labels(subscription=label).observe(0.05)
         m.delivery_latency.labels(subscription=label).observe(0.5)
         m.in_flight.labels(subscription=label).set(0)
-    health = admin.Health(lambda: asyncio.sleep(0))
-    runner = web.AppRunner(admin.build_app(health, registry), access_log=None)
+    readiness = probes.Readiness(lambda: asyncio.sleep(0))
+    runner = web.AppRunner(probes.build_app(readiness, registry), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

@@ -19,7 +19,9 @@ import prometheus_client as prom
 import pytest
 import yaml
 
-from dispatcher import api, cli, metrics, producer
+from dispatcher import cli, metrics, producer
+from dispatcher.cli import settings as cli_settings
+from dispatcher.web import admin_api
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
@@ -150,22 +152,22 @@ def test_configuration_table_lists_exactly_the_cli_environment() -> None:
     rows = _config_rows()
     names = [name for name, _ in rows]
     assert len(names) == len(set(names)), "a variable is listed twice"
-    assert set(names) == set(cli.ENVIRONMENT), (
-        f"missing: {sorted(set(cli.ENVIRONMENT) - set(names))}, "
-        f"not read by the CLI: {sorted(set(names) - set(cli.ENVIRONMENT))}"
+    assert set(names) == set(cli_settings.ENVIRONMENT), (
+        f"missing: {sorted(set(cli_settings.ENVIRONMENT) - set(names))}, "
+        f"not read by the CLI: {sorted(set(names) - set(cli_settings.ENVIRONMENT))}"
     )
 
 
 def test_configuration_defaults_match_the_cli() -> None:
     for name, shown in _config_rows():
-        default = cli.ENVIRONMENT[name][0]
+        default = cli_settings.ENVIRONMENT[name][0]
         expected = f"`{default}`" if default else "(empty)"
         assert shown == expected, f"{name}: README says {shown}, the CLI says {expected}"
 
 
 def test_every_environment_variable_the_readme_names_exists() -> None:
     text = readme()
-    known = set(cli.ENVIRONMENT)
+    known = set(cli_settings.ENVIRONMENT)
     for name in set(re.findall(r"\b(?:DISPATCHER|AGENT)_[A-Z0-9_]*", text)):
         if name.endswith("_"):  # a family such as DISPATCHER_RETRY_*
             assert any(k.startswith(name) for k in known), name
@@ -360,4 +362,4 @@ def test_admin_api_table_lists_exactly_the_routes() -> None:
             r"^\| `(GET|POST|PATCH|DELETE|PUT)` \| `/v1(/[^`]*)` \|", section("Subscriptions"), re.M
         )
     )
-    assert shown == {(method, path) for method, path, _handler in api.ROUTES}
+    assert shown == {(method, path) for method, path, _handler in admin_api.ROUTES}
