@@ -32,7 +32,7 @@ import orjson
 import structlog
 from aiohttp import web
 
-from dispatcher import config, delivery, openapi, signing, ssrf
+from dispatcher import config, model, openapi, signing, ssrf
 from dispatcher.db import management
 
 log = structlog.get_logger("dispatcher.api")
@@ -64,15 +64,7 @@ MAX_EVENT_ID_LENGTH: Final = 200
 PAGE_LIMIT_RANGE: Final = (1, 200)
 DEFAULT_PAGE_LIMIT: Final = 50
 MAX_DELIVERY_ID: Final = 2**63 - 1
-DELIVERY_STATES: Final = (
-    "pending",
-    "in_flight",
-    "retrying",
-    "delivered",
-    "dead",
-    "parked",
-    "cancelled",
-)
+DELIVERY_STATES: Final = tuple(state.value for state in model.DeliveryState)
 # name → (JSON type, minimum, maximum); the override is merged over the configured policy.
 RETRY_POLICY_FIELDS: Final[dict[str, tuple[str, float, float]]] = {
     "max_attempts": ("integer", 1, 1000),
@@ -210,7 +202,7 @@ def _header_name(value: Any, field: str) -> str:
     name = _text(value, field, max_length=100, min_length=1)
     if not re.fullmatch(HEADER_NAME_PATTERN, name):
         raise invalid(field, "is not a valid HTTP header name", "invalid_header")
-    if name.lower() in delivery.RESERVED_HEADERS:
+    if name.lower() in model.RESERVED_HEADERS:
         raise invalid(field, f"{name} is set by the dispatcher", "reserved_header")
     return name
 

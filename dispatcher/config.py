@@ -62,7 +62,7 @@ class RetryPolicy:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class HealthPolicy:
-    """Endpoint health (see :mod:`dispatcher.health`). A zero disables that mechanism."""
+    """Endpoint health (see :mod:`dispatcher.endpoint_health`). A zero disables that mechanism."""
 
     # A subscription failing continuously this long is disabled (Svix: 5 days).
     disable_after_seconds: float = 5 * 86400.0

@@ -23,7 +23,7 @@ from typing import Any
 
 import structlog
 
-from dispatcher import metrics
+from dispatcher import metrics, model
 from dispatcher.db import pool as db_pool
 
 log = structlog.get_logger("dispatcher.gauges")
@@ -31,7 +31,6 @@ log = structlog.get_logger("dispatcher.gauges")
 # Lost or restarted database (incl. asyncpg's InternalClientError): log, count, try again.
 DB_ERRORS = db_pool.ERRORS
 # Undelivered states; parked work (subscription disabled) is reported by subscription_up.
-ACTIVE_STATES = ("pending", "in_flight", "retrying")
 # Above this many unrouted rows the backlog is the id span of the unrouted rows (an upper
 # bound that costs two index probes) instead of an exact count.
 BACKLOG_EXACT_LIMIT = 10_000
@@ -147,7 +146,7 @@ async def read(conn: Any) -> Snapshot:
     for row in await conn.fetch(_DEPTH_SQL):
         depth[(row["subscription_id"], row["state"])] = row["n"]
         delta_rows += row["delta_rows"]
-        if row["state"] in ACTIVE_STATES and row["n"] > 0:
+        if row["state"] in model.ACTIVE_STATES and row["n"] > 0:
             active.add(row["subscription_id"])
     subscriptions = tuple(
         Subscription(r["id"], r["up"], r["oldest_age_seconds"])

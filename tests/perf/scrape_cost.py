@@ -30,7 +30,7 @@ import asyncpg
 import prometheus_client as prom
 from aiohttp import web
 
-from dispatcher import admin, app, gauges, metrics
+from dispatcher import admin, app, gauges, metrics, model
 from dispatcher.db import embedded, repository
 from tests import support
 
@@ -196,9 +196,10 @@ async def hot_path(pool: Any, rounds: int, batch: int, iterations: int) -> None:
             jobs = await repo.claim("perf", batch, 60)
             claims.append((time.perf_counter() - started) * 1000)
             now = time.time()
+            delivered = model.DeliveryState.DELIVERED
             batch_acks = [
-                repository.Ack(j.delivery_id, j.lease_token, j.attempt, "delivered", None, 200,
-                               None, now, 1.0, "success", None)
+                model.Ack(j.delivery_id, j.lease_token, j.attempt, delivered, None, 200, None, now,
+                          1.0, "success", None)
                 for j in jobs
             ]  # fmt: skip
             started = time.perf_counter()
