@@ -21,6 +21,7 @@ import orjson
 
 from dispatcher import config, logs, secretbox, ssrf
 from dispatcher.db import migrate
+from dispatcher.db import secrets as db_secrets
 
 # Every environment variable the CLI reads: name → (default, meaning). The README's
 # configuration table and the deploy files are checked against this list.
@@ -400,14 +401,14 @@ def cmd_secrets_reencrypt(args: argparse.Namespace, env: Mapping[str, str]) -> i
     if not box.encrypting:
         raise CliError("DISPATCHER_SECRET_KEYS is empty: there is no key to re-encrypt under")
 
-    async def main(dsn: str) -> secretbox.Reencrypted:
+    async def main(dsn: str) -> db_secrets.Reencrypted:
         from dispatcher.db import pool as db_pool  # noqa: PLC0415
 
         pool = await db_pool.create_pool(
             dsn, min_size=1, max_size=1, application_name="dispatcher-cli"
         )
         try:
-            return await secretbox.reencrypt(pool, box, batch=args.batch)
+            return await db_secrets.reencrypt(pool, box, batch=args.batch)
         finally:
             await pool.close()
 

@@ -19,7 +19,8 @@ import prometheus_client as prom
 import pytest
 import yaml
 
-from dispatcher import api, cli, metrics, producer
+from dispatcher import api, cli, metrics
+from dispatcher.db import outbox
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
@@ -125,7 +126,7 @@ def test_benchmark_section_keeps_its_markers_and_commands() -> None:
 
 def test_the_producer_sql_is_the_one_publish_runs() -> None:
     shown = [b.strip() for b in code_blocks(section("Producing events"), ("sql",))]
-    assert producer.INSERT_SQL.strip() in shown
+    assert outbox.INSERT_SQL.strip() in shown
 
 
 def test_what_was_not_checked_names_grafana_and_the_container_runtimes() -> None:
