@@ -239,9 +239,9 @@ def _bound_port(runner: web.AppRunner) -> int | None:
     return None
 
 
-async def migrate_database(dsn: str) -> list[str]:
+async def migrate_database(dsn: str, track: migrate.Track = migrate.CORE) -> list[str]:
     conn = await db_pool.connect(dsn, application_name="dispatcher-migrate")
     try:
-        return await migrate.apply(conn)
+        return await migrate.apply(conn, track)
     finally:
         await conn.close()

@@ -469,7 +469,9 @@ def cmd_agent(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     with database(env) as dsn:
         settings = agent_settings_from_env(env, dsn)
         if args.migrate:
-            _run(app.migrate_database(dsn))
+            from dispatcher.agent import store  # noqa: PLC0415
+
+            _run(app.migrate_database(dsn, store.MIGRATIONS))
 
         async def main() -> None:
             stop = asyncio.Event()
@@ -510,7 +512,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("agent", help="run the reference lead-qualification agent (AGENT_LISTEN)")
-    p.add_argument("--migrate", action="store_true", help="apply migrations before starting")
+    p.add_argument(
+        "--migrate",
+        action="store_true",
+        help="apply the agent's own migrations (its job table) before starting, then run; "
+        "the dispatcher's schema stays with `dispatcher migrate`",
+    )
     p.set_defaults(func=cmd_agent)
 
     p = sub.add_parser("demo", help="the whole story end to end on the embedded Postgres")

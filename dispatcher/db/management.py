@@ -21,8 +21,8 @@ from typing import Any
 
 import orjson
 
-from dispatcher import model, producer
-from dispatcher.db import repository
+from dispatcher import model
+from dispatcher.db import outbox, repository
 
 TEST_EVENT_TYPE = "dispatcher.test"
 # Deliveries a manual retry may requeue; in_flight is on the wire and parked waits for its
@@ -373,8 +373,13 @@ class Management:
                     f"subscription {subscription_id} is disabled; enable it first",
                     code="subscription_disabled",
                 )
-            event_id = await producer.publish(
-                conn, TEST_EVENT_TYPE, dict(payload), subscription_id=subscription_id
+            event_id = await outbox.insert(
+                conn,
+                TEST_EVENT_TYPE,
+                orjson.dumps(dict(payload)).decode(),
+                subscription_id=subscription_id,
+                ordering_key=None,
+                event_id=None,
             )
         return {"event_id": event_id, "event_type": TEST_EVENT_TYPE}
 
