@@ -20,13 +20,13 @@ from dispatcher import (
     __version__,
     claimer,
     config,
-    delivery,
+    endpoint_health,
     gauges,
-    health,
     metrics,
     retention,
     router,
     secretbox,
+    sender,
     signing,
     ssrf,
 )
@@ -104,8 +104,8 @@ class Dispatcher:
         self.bound_port = _bound_port(runner)
         policy = self.policy
         resolver = ssrf.build_connector_resolver(policy)
-        session = delivery.build_session(max_connections=s.max_in_flight, resolver=resolver)
-        sender = delivery.Sender(
+        session = sender.build_session(max_connections=s.max_in_flight, resolver=resolver)
+        http_sender = sender.Sender(
             session,
             signers,
             request_timeout_seconds=s.request_timeout_seconds,
@@ -115,19 +115,18 @@ class Dispatcher:
             guard=_cached_guard(policy),
             is_blocked=ssrf.is_blocked_error,
         )
-        monitor = health.Monitor(
+        # The claimer reports every attempt to the monitor; the monitor's loop gets the
+        # claimer (below) to send its probes.
+        monitor = endpoint_health.Monitor(
             self.pool,
             repo,
             self.metrics,
             s.endpoint_health,
             worker=s.worker_id,
             lease_seconds=s.lease_seconds,
-            # Late-bound: the claimer (built next) reports to the monitor and runs its probes.
-            submit=lambda job: work.submit(job),  # noqa: PLW0108
-            wake=lambda: work.wake(),  # noqa: PLW0108
         )
         work = self.claimer = claimer.Claimer(
-            repo, sender, self.metrics, s, observe=monitor.observe
+            repo, http_sender, self.metrics, s, observe=monitor.observe
         )
         route = router.Router(
             repo,
@@ -161,7 +160,7 @@ class Dispatcher:
         # the same ones on every replica (the loop's first run just repeats this).
         try:
             await gauge_loop.refresh()
-        except gauges.DB_ERRORS as exc:
+        except db_pool.ERRORS as exc:
             log.warning("gauge_refresh_failed", error=f"{type(exc).__name__}: {exc}")
         background_stop = asyncio.Event()
         acks = asyncio.create_task(work.acks.run(), name="acks")
@@ -170,7 +169,7 @@ class Dispatcher:
             asyncio.create_task(route.run(background_stop), name="router"),
             asyncio.create_task(reaper.run(background_stop), name="reaper"),
             asyncio.create_task(gauge_loop.run(background_stop), name="gauges"),
-            asyncio.create_task(monitor.run(background_stop), name="health"),
+            asyncio.create_task(monitor.run(background_stop, work), name="health"),
             asyncio.create_task(
                 retention.Pruner(self.pool, self.metrics, s.retention).run(background_stop),
                 name="retention",
@@ -239,9 +238,9 @@ def _bound_port(runner: web.AppRunner) -> int | None:
     return None
 
 
-async def migrate_database(dsn: str) -> list[str]:
+async def migrate_database(dsn: str, track: migrate.Track = migrate.CORE) -> list[str]:
     conn = await db_pool.connect(dsn, application_name="dispatcher-migrate")
     try:
-        return await migrate.apply(conn)
+        return await migrate.apply(conn, track)
     finally:
         await conn.close()

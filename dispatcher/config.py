@@ -62,8 +62,8 @@ class RetryPolicy:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class EndpointHealthPolicy:
-    """Endpoint health: disabling and pausing failing subscriptions. A zero disables that
-    mechanism."""
+    """Endpoint health (see :mod:`dispatcher.endpoint_health`): disabling and pausing failing
+    subscriptions. A zero disables that mechanism."""
 
     # A subscription failing continuously this long is disabled (Svix: 5 days).
     disable_after_seconds: float = 5 * 86400.0

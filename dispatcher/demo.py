@@ -243,7 +243,7 @@ async def _story(dsn: str, env: Mapping[str, str], started: float) -> int:
         ),
         Child(
             "agent",
-            ["agent"],
+            ["agent", "--migrate"],
             _child_env(
                 env,
                 dsn,

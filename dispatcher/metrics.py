@@ -11,6 +11,8 @@ import threading
 
 import prometheus_client as prom
 
+from dispatcher import model
+
 OTHER = "other"
 # Webhook attempts: a few ms on a LAN up to the full request timeout.
 ATTEMPT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 30.0)
@@ -35,7 +37,8 @@ LATENCY_BUCKETS = (
     21600.0,
     86400.0,
 )
-QUEUE_STATES = ("pending", "in_flight", "retrying", "dead")
+# The delivery states the queue gauge reports.
+QUEUE_STATES = tuple(state.value for state in (*model.ACTIVE_STATES, model.DeliveryState.DEAD))
 
 
 class SubscriptionLabels:
@@ -169,7 +172,7 @@ class Metrics:
             "Database gauge refreshes that failed.",
             registry=registry,
         )
-        # Endpoint health (dispatcher/health.py) and retention (dispatcher/retention.py).
+        # Endpoint health (dispatcher/endpoint_health.py) and retention (dispatcher/retention.py).
         self.health_events = prom.Counter(
             "dispatcher_subscription_health_events_total",
             "Circuit-breaker and auto-disable actions taken by this process.",

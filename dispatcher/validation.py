@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 
-from dispatcher import config, signing
+from dispatcher import config, model, signing
 
 if TYPE_CHECKING:
     from dispatcher import ssrf
@@ -52,15 +52,7 @@ MAX_EVENT_ID_LENGTH: Final = 200
 PAGE_LIMIT_RANGE: Final = (1, 200)
 DEFAULT_PAGE_LIMIT: Final = 50
 MAX_DELIVERY_ID: Final = 2**63 - 1
-DELIVERY_STATES: Final = (
-    "pending",
-    "in_flight",
-    "retrying",
-    "delivered",
-    "dead",
-    "parked",
-    "cancelled",
-)
+DELIVERY_STATES: Final = tuple(state.value for state in model.DeliveryState)
 # name → (JSON type, minimum, maximum); the override is merged over the configured policy.
 RETRY_POLICY_FIELDS: Final[dict[str, tuple[str, float, float]]] = {
     "max_attempts": ("integer", 1, 1000),
@@ -73,22 +65,6 @@ RETRY_POLICY_FIELDS: Final[dict[str, tuple[str, float, float]]] = {
 # RFC 3339 date-time, as the OpenAPI ``format: date-time`` means it.
 _DATE_TIME = re.compile(
     r"^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$", re.ASCII
-)
-
-
-# Headers a subscription's custom headers may not override: the signature and framing ones.
-RESERVED_HEADERS: Final = frozenset(
-    {
-        "content-type",
-        "content-length",
-        "host",
-        "user-agent",
-        "webhook-id",
-        "webhook-timestamp",
-        "webhook-signature",
-        "transfer-encoding",
-        "connection",
-    }
 )
 
 
@@ -189,7 +165,7 @@ def _header_name(value: Any, field: str) -> str:
     name = text(value, field, max_length=100, min_length=1)
     if not re.fullmatch(HEADER_NAME_PATTERN, name):
         raise invalid(field, "is not a valid HTTP header name", "invalid_header")
-    if name.lower() in RESERVED_HEADERS:
+    if name.lower() in model.RESERVED_HEADERS:
         raise invalid(field, f"{name} is set by the dispatcher", "reserved_header")
     return name
 

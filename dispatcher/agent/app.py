@@ -55,7 +55,8 @@ class Agent:
             application_name="dispatcher-agent",
         )
         try:
-            await migrate.require_current(self.pool)
+            # The dispatcher's schema (the outbox it publishes to) and the agent's own.
+            await migrate.require_current(self.pool, migrate.CORE, store.MIGRATIONS)
             await self._serve(stop)
         finally:
             await self.pool.close()

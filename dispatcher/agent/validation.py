@@ -107,22 +107,16 @@ def validate_criteria(value: Any) -> dict[str, Any]:
                 "criteria.min_company_size", f"must be an integer, got {_type_name(size)}"
             )
         if not 0 <= size <= MAX_COMPANY_SIZE:
-            raise _invalid(
-                "criteria.min_company_size", f"must be between 0 and {MAX_COMPANY_SIZE}"
-            )
+            raise _invalid("criteria.min_company_size", f"must be between 0 and {MAX_COMPANY_SIZE}")
         out["min_company_size"] = size
     if "industry" in value:
         industry = value["industry"]
         if not isinstance(industry, str):
-            raise _invalid(
-                "criteria.industry", f"must be a string, got {_type_name(industry)}"
-            )
+            raise _invalid("criteria.industry", f"must be a string, got {_type_name(industry)}")
         if not industry.strip():
             raise _invalid("criteria.industry", "must not be empty")
         if len(industry) > MAX_INDUSTRY_LENGTH:
-            raise _invalid(
-                "criteria.industry", f"must be at most {MAX_INDUSTRY_LENGTH} characters"
-            )
+            raise _invalid("criteria.industry", f"must be at most {MAX_INDUSTRY_LENGTH} characters")
         out["industry"] = industry.strip()
     return out
 

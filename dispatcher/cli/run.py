@@ -74,7 +74,9 @@ def cmd_agent(args: argparse.Namespace, ctx: context.Context) -> int:
     with ctx.database() as dsn:
         settings = ctx.agent_settings(dsn)
         if args.migrate:
-            context.run(app.migrate_database(dsn))
+            from dispatcher.agent import store  # noqa: PLC0415
+
+            context.run(app.migrate_database(dsn, store.MIGRATIONS))
         _serve(agent_app.Agent(settings))
     return 0
 
@@ -95,7 +97,12 @@ def add_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("agent", help="run the reference lead-qualification agent (AGENT_LISTEN)")
-    p.add_argument("--migrate", action="store_true", help="apply migrations before starting")
+    p.add_argument(
+        "--migrate",
+        action="store_true",
+        help="apply the agent's own migrations (its job table) before starting, then run; "
+        "the dispatcher's schema stays with `dispatcher migrate`",
+    )
     p.set_defaults(func=cmd_agent)
 
     p = sub.add_parser("demo", help="the whole story end to end on the embedded Postgres")

@@ -9,8 +9,8 @@ from dispatcher.cli import context
 
 
 def cmd_reencrypt(args: argparse.Namespace, ctx: context.Context) -> int:
-    from dispatcher import secretbox  # noqa: PLC0415
     from dispatcher.db import pool as db_pool  # noqa: PLC0415
+    from dispatcher.db import secrets as db_secrets  # noqa: PLC0415
 
     box = ctx.secret_box()
     if not box.encrypting:
@@ -20,12 +20,12 @@ def cmd_reencrypt(args: argparse.Namespace, ctx: context.Context) -> int:
     if args.batch < 1:
         raise context.CliError("--batch must be at least 1")
 
-    async def main(dsn: str) -> secretbox.Reencrypted:
+    async def main(dsn: str) -> db_secrets.Reencrypted:
         pool = await db_pool.create_pool(
             dsn, min_size=1, max_size=1, application_name="dispatcher-cli"
         )
         try:
-            return await secretbox.reencrypt(pool, box, batch=args.batch)
+            return await db_secrets.reencrypt(pool, box, batch=args.batch)
         finally:
             await pool.close()
 

@@ -19,12 +19,9 @@ import shutil
 import signal
 import subprocess
 import sys
-import uuid
 import zipfile
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import asyncpg
 import pytest
 
 from tests import support
@@ -93,33 +90,22 @@ def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return target
 
 
-@pytest.fixture
-async def empty_dsn(server_dsn: str) -> AsyncIterator[str]:
-    """A database with no schema at all (the ``dsn`` fixture's clones are migrated)."""
-    name = f"t_empty_{uuid.uuid4().hex[:12]}"
-    conn = await asyncpg.connect(server_dsn)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    yield support.with_database(server_dsn, name)
-    conn = await asyncpg.connect(server_dsn)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
-
-
-def test_wheel_ships_every_migration(wheel: Path) -> None:
+@pytest.mark.parametrize(
+    ("packaged", "source"),
+    [("dispatcher/sql/", ROOT / "sql"), ("dispatcher/agent/sql/", ROOT / "dispatcher/agent/sql")],
+)
+def test_wheel_ships_every_migration(wheel: Path, packaged: str, source: Path) -> None:
+    """Both tracks: the dispatcher's and the reference agent's own."""
     with zipfile.ZipFile(wheel) as archive:
         shipped = {
-            name.removeprefix("dispatcher/sql/"): archive.read(name)
+            name.removeprefix(packaged): archive.read(name)
             for name in archive.namelist()
-            if name.startswith("dispatcher/sql/")
+            if name.startswith(packaged)
         }
-    assert sorted(shipped) == MIGRATIONS
+    assert sorted(shipped) == sorted(p.name for p in source.glob("*.sql"))
+    assert shipped
     for name, content in shipped.items():
-        assert content == (ROOT / "sql" / name).read_bytes(), name
+        assert content == (source / name).read_bytes(), name
 
 
 async def _python(installed: Path, *args: str, **env: str) -> tuple[int, str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import dispatcher
-from dispatcher import delivery
+from dispatcher import model
 from dispatcher.db import repository
 from tests import support
 
@@ -169,14 +169,14 @@ async def test_stale_worker_ack_changes_nothing(pool: Any, dsn: str) -> None:
     assert fresh.lease_token != stale.lease_token
     assert fresh.attempt == 2
 
-    applied = await repo.ack([_ack(stale, "delivered")], "paused-worker")
+    applied = await repo.ack([_ack(stale, model.DeliveryState.DELIVERED)], "paused-worker")
     assert applied == set()
     row = await pool.fetchrow("SELECT state, lease_token FROM webhook_deliveries")
     assert (row["state"], row["lease_token"]) == ("in_flight", fresh.lease_token)
     logged = await pool.fetchrow("SELECT applied, worker FROM webhook_attempts")
     assert (logged["applied"], logged["worker"]) == (False, "paused-worker")
 
-    applied = await repo.ack([_ack(fresh, "delivered")], "live-worker")
+    applied = await repo.ack([_ack(fresh, model.DeliveryState.DELIVERED)], "live-worker")
     assert applied == {fresh.delivery_id}
     assert await pool.fetchval("SELECT state FROM webhook_deliveries") == "delivered"
 
@@ -190,8 +190,8 @@ async def _expired(pool: Any) -> bool:
     )
 
 
-def _ack(job: delivery.Job, state: str) -> repository.Ack:
-    return repository.Ack(
+def _ack(job: model.Job, state: model.DeliveryState) -> model.Ack:
+    return model.Ack(
         delivery_id=job.delivery_id,
         lease_token=job.lease_token,
         attempt=job.attempt,

@@ -7,7 +7,8 @@ import time
 from typing import Any
 
 import dispatcher
-from dispatcher import config, health
+from dispatcher import config
+from dispatcher.db import health as db_health
 from dispatcher.db import repository
 from tests import support
 
@@ -40,7 +41,7 @@ async def _publish(pool: Any, n: int) -> None:
 
 
 async def _events(pool: Any, sid: str) -> list[dict[str, Any]]:
-    return list(reversed(await health.events(pool, sid)))
+    return list(reversed(await db_health.events(pool, sid)))
 
 
 def _metric(running: Any, name: str, **labels: str) -> float:
@@ -61,7 +62,7 @@ async def test_breaker_pauses_a_sick_endpoint_probes_it_and_resumes_on_recovery(
         return any(e["kind"] == "paused" for e in await _events(pool, sid))
 
     await support.wait_for(paused, timeout=10, message="the breaker to trip")
-    status = await health.status(pool, sid)
+    status = await db_health.status(pool, sid)
     assert status is not None
     assert status["paused"]
     assert status["failing_since"] is not None
@@ -87,7 +88,7 @@ async def test_breaker_pauses_a_sick_endpoint_probes_it_and_resumes_on_recovery(
     await support.wait_for(
         lambda: _failing_cleared(pool, sid), timeout=5, message="failing_since reset"
     )
-    status = await health.status(pool, sid)
+    status = await db_health.status(pool, sid)
     assert status is not None
     assert not status["paused"]
     assert status["pause_count"] == 0
@@ -106,7 +107,7 @@ async def _delivered(pool: Any, n: int) -> bool:
 
 
 async def _failing_cleared(pool: Any, sid: str) -> bool:
-    status = await health.status(pool, sid)
+    status = await db_health.status(pool, sid)
     return status is not None and status["failing_since"] is None
 
 
@@ -165,7 +166,7 @@ async def test_failing_for_the_whole_window_disables_and_enabling_starts_clean(
 
     healthy["now"] = True
     await running.dispatcher.repo.enable_subscription(sid)  # what the admin API calls
-    status = await health.status(pool, sid)
+    status = await db_health.status(pool, sid)
     assert status is not None
     assert status["failing_since"] is None
     await support.wait_for(lambda: _delivered(pool, 5), timeout=10, message="delivered")
@@ -213,5 +214,5 @@ async def test_4xx_answers_count_for_the_window_but_do_not_trip_the_breaker(
 
 
 async def _failing_started(pool: Any, sid: str) -> bool:
-    status = await health.status(pool, sid)
+    status = await db_health.status(pool, sid)
     return status is not None and status["failing_since"] is not None

@@ -21,6 +21,7 @@ from prometheus_client import parser
 
 import dispatcher
 from dispatcher import gauges, metrics
+from dispatcher.db import gauges as db_gauges
 from dispatcher.db import repository
 from tests import support
 
@@ -180,7 +181,7 @@ async def _exact(pool: Any) -> dict[tuple[str, str], int]:
 
 async def _tracked(pool: Any) -> dict[tuple[str, str], int]:
     async with pool.acquire() as conn:
-        snapshot = await gauges.read(conn)
+        snapshot = await db_gauges.read(conn)
     return {key: n for key, n in snapshot.depth.items() if n}
 
 
@@ -230,7 +231,7 @@ async def test_tracked_counts_equal_an_exact_count_after_every_kind_of_write(poo
         assert await _tracked(pool) == await _exact(pool), sql
     async with pool.acquire() as conn:
         before = await conn.fetchval("SELECT count(*) FROM webhook_delivery_count_deltas")
-        assert await gauges.compact(conn)
+        assert await db_gauges.compact(conn)
         after = await conn.fetchval("SELECT count(*) FROM webhook_delivery_count_deltas")
     assert after < before
     assert after == len(await _exact(pool))
@@ -290,14 +291,14 @@ async def test_refresh_folds_subscriptions_beyond_the_limit(pool: Any) -> None:
 async def test_backlog_above_the_exact_limit_is_the_unrouted_id_span(
     pool: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(gauges, "BACKLOG_EXACT_LIMIT", 5)
+    monkeypatch.setattr(db_gauges, "BACKLOG_EXACT_LIMIT", 5)
     await pool.execute(
         "INSERT INTO webhook_outbox (event_type, payload) SELECT 't.x', '{}' "
         "FROM generate_series(1, 12)"
     )
     async with pool.acquire() as conn:
-        assert (await gauges.read(conn)).outbox_backlog == 12
+        assert (await db_gauges.read(conn)).outbox_backlog == 12
         await conn.execute("UPDATE webhook_outbox SET routed_at = now() WHERE id IN (1, 12)")
-        assert (await gauges.read(conn)).outbox_backlog == 10
+        assert (await db_gauges.read(conn)).outbox_backlog == 10
         await conn.execute("UPDATE webhook_outbox SET routed_at = now() WHERE id < 9")
-        assert (await gauges.read(conn)).outbox_backlog == 3  # below the cap: exact
+        assert (await db_gauges.read(conn)).outbox_backlog == 3  # below the cap: exact

@@ -281,7 +281,7 @@ def test_compose_has_the_whole_stack() -> None:
     assert services["migrate"]["command"] == ["migrate"]
     assert services["migrate"]["restart"] == "no"
     assert services["dispatcher"]["command"] == ["run"]
-    assert services["agent"]["command"] == ["agent"]
+    assert services["agent"]["command"] == ["agent", "--migrate"]
     receiver = services["receiver"]
     assert receiver["entrypoint"] == ["python", "-m", "dispatcher.examples.receiver"]
     assert receiver["command"][:2] == ["--listen", "0.0.0.0:9000"]
@@ -635,7 +635,7 @@ def test_sidecar_deployment() -> None:
     assert set(containers) == {"agent", "dispatcher"}
     dispatcher = containers["dispatcher"]
     assert dispatcher["args"] == ["run"]
-    assert containers["agent"]["args"] == ["agent"]
+    assert containers["agent"]["args"] == ["agent", "--migrate"]
     env = _env(dispatcher)
     host, port = env["DISPATCHER_LISTEN"].rsplit(":", 1)
     (admin,) = [p for p in dispatcher["ports"] if p["name"] == "admin"]
