@@ -1,6 +1,6 @@
 """Every Prometheus collector, built on an injected ``CollectorRegistry``.
 
-Names and labels are a contract (DESIGN.md, contract 4): dashboards and alerts depend on them.
+Names and labels are a contract: dashboards and alerts depend on them.
 The ``subscription`` label is bounded: after ``max_subscriptions`` distinct ids, the rest are
 folded into ``subscription="other"``. No module-level collectors.
 """

@@ -176,7 +176,7 @@ def classify_response(
     excerpt: str | None = None,
     now: float,
 ) -> model.AttemptResult:
-    """HTTP status → verdict and metric outcome (DESIGN.md, contract 2)."""
+    """HTTP status → verdict and metric outcome."""
     outcome: model.Outcome
     verdict: model.Verdict
     wait: float | None = None

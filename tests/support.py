@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,9 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+
+import dispatcher
+from dispatcher.db import repository
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,16 +46,42 @@ async def wait_for(
         await asyncio.sleep(interval)  # poll interval, not a wait for the condition itself
 
 
+# The signing secret of the subscriptions tests create (any valid whsec_ value would do).
+SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+
+
+async def subscribe(
+    pool: Any,
+    url: str = "http://127.0.0.1:9/hook",
+    *,
+    event_types: Sequence[str] = ("*",),
+    secret: str = SECRET,
+    **fields: Any,
+) -> str:
+    """Create a subscription through the repository; return its id."""
+    sub = await repository.Repository(pool).create_subscription(
+        url=url, event_types=list(event_types), secret=secret, **fields
+    )
+    return str(sub["id"])
+
+
+async def publish(
+    pool: Any,
+    n: int = 1,
+    *,
+    event_type: str = "e.x",
+    payload: Callable[[int], Any] = lambda i: {"i": i},
+    **kw: Any,
+) -> list[str]:
+    """Publish ``n`` events in one transaction through ``dispatcher.publish``; their ids."""
+    async with pool.acquire() as conn, conn.transaction():
+        return [await dispatcher.publish(conn, event_type, payload(i), **kw) for i in range(n)]
+
+
 def with_database(dsn: str, name: str) -> str:
     """The same server, another database."""
     parts = urllib.parse.urlsplit(dsn)
     return urllib.parse.urlunsplit(parts._replace(path="/" + name))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclasses.dataclass

@@ -24,8 +24,9 @@ from pathlib import Path
 
 import pytest
 
+from dispatcher import ports
 from tests import support
-from tests.unit import test_deploy
+from tests.integration import test_deploy
 
 ROOT = support.ROOT
 # What the Dockerfile's build stage COPYs (its test pins the same list).
@@ -187,7 +188,7 @@ async def _healthcheck(listen: str) -> int:
 async def test_entrypoint_run_passes_the_healthcheck_and_stops_on_sigterm(
     dsn: str, tmp_path: Path
 ) -> None:
-    port = support.free_port()
+    port = ports.free_port()
     log = tmp_path / "dispatcher.log"
     # The image's environment, except that tests listen on loopback only. The health check is
     # told the wildcard address the image uses, which it must map to loopback.

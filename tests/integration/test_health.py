@@ -6,13 +6,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import dispatcher
 from dispatcher import config
 from dispatcher.db import health as db_health
-from dispatcher.db import repository
 from tests import support
 
-SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 FAST_HEALTH = config.EndpointHealthPolicy(
     disable_after_seconds=0,
     breaker_failure_ratio=0.5,
@@ -25,19 +22,6 @@ FAST_HEALTH = config.EndpointHealthPolicy(
 MANY_RETRIES = config.RetryPolicy(
     base_seconds=0.01, cap_seconds=0.05, max_attempts=1000, max_4xx_attempts=2
 )
-
-
-async def _subscribe(pool: Any, url: str, max_in_flight: int = 2) -> str:
-    sub = await repository.Repository(pool).create_subscription(
-        url=url, event_types=["*"], secret=SECRET, max_in_flight=max_in_flight
-    )
-    return str(sub["id"])
-
-
-async def _publish(pool: Any, n: int) -> None:
-    async with pool.acquire() as conn, conn.transaction():
-        for i in range(n):
-            await dispatcher.publish(conn, "e.x", {"i": i})
 
 
 async def _events(pool: Any, sid: str) -> list[dict[str, Any]]:
@@ -54,8 +38,8 @@ async def test_breaker_pauses_a_sick_endpoint_probes_it_and_resumes_on_recovery(
 ) -> None:
     healthy = {"now": False}
     receiver.respond = lambda _n, _h, _b: (200 if healthy["now"] else 503, {}, 0.0)
-    sid = await _subscribe(pool, receiver.url)
-    await _publish(pool, 20)
+    sid = await support.subscribe(pool, receiver.url)
+    await support.publish(pool, 20)
     running = await start_dispatcher(endpoint_health=FAST_HEALTH, retry=MANY_RETRIES)
 
     async def paused() -> bool:
@@ -114,14 +98,14 @@ async def _failing_cleared(pool: Any, sid: str) -> bool:
 async def test_a_paused_subscription_is_not_claimed_until_its_pause_ends(
     pool: Any, receiver: support.Receiver, start_dispatcher: Any
 ) -> None:
-    sid = await _subscribe(pool, receiver.url)
+    sid = await support.subscribe(pool, receiver.url)
     await pool.execute(
         "UPDATE webhook_subscriptions SET paused_until = now() + interval '1 hour', "
         "probe_at = now() + interval '1 hour', pause_count = 1, paused_reason = 'test' "
         "WHERE id = $1::uuid",
         sid,
     )
-    await _publish(pool, 3)
+    await support.publish(pool, 3)
     await start_dispatcher(endpoint_health=FAST_HEALTH)
     await support.wait_for(
         lambda: _count_state(pool, "pending", 3), timeout=5, message="routed and pending"
@@ -146,8 +130,8 @@ async def test_failing_for_the_whole_window_disables_and_enabling_starts_clean(
 ) -> None:
     healthy = {"now": False}
     receiver.respond = lambda _n, _h, _b: (200 if healthy["now"] else 500, {}, 0.0)
-    sid = await _subscribe(pool, receiver.url)
-    await _publish(pool, 5)
+    sid = await support.subscribe(pool, receiver.url)
+    await support.publish(pool, 5)
     policy = config.EndpointHealthPolicy(
         disable_after_seconds=0.6, breaker_failure_ratio=0, interval_seconds=0.05
     )
@@ -189,8 +173,8 @@ async def test_410_disable_is_audited_with_its_reason(
     pool: Any, receiver: support.Receiver, start_dispatcher: Any
 ) -> None:
     receiver.respond = lambda _n, _h, _b: (410, {}, 0.0)
-    sid = await _subscribe(pool, receiver.url)
-    await _publish(pool, 1)
+    sid = await support.subscribe(pool, receiver.url)
+    await support.publish(pool, 1)
     await start_dispatcher(endpoint_health=FAST_HEALTH)
     await support.wait_for(lambda: _enabled(pool, sid, False), timeout=10, message="disabled")
     events = await _events(pool, sid)
@@ -203,8 +187,8 @@ async def test_4xx_answers_count_for_the_window_but_do_not_trip_the_breaker(
     pool: Any, receiver: support.Receiver, start_dispatcher: Any
 ) -> None:
     receiver.respond = lambda _n, _h, _b: (400, {}, 0.0)
-    sid = await _subscribe(pool, receiver.url)
-    await _publish(pool, 10)
+    sid = await support.subscribe(pool, receiver.url)
+    await support.publish(pool, 10)
     await start_dispatcher(endpoint_health=FAST_HEALTH)
     await support.wait_for(lambda: _count_state(pool, "dead", 10), timeout=10, message="dead")
     await support.wait_for(

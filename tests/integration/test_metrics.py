@@ -1,7 +1,7 @@
 """The /metrics exposition of a running dispatcher, and the database-derived gauges.
 
 Real Postgres, real receivers, the real admin listener: counters are checked against what the
-receivers saw, every contract metric and label (DESIGN.md contract 4) must be exposed, the
+receivers saw, every contract metric and label must be exposed, the
 scrape must pass ``promtool check metrics``, and the incrementally kept queue counts
 (sql/004_metrics.sql) must equal an exact count after every kind of write.
 """
@@ -22,13 +22,11 @@ from prometheus_client import parser
 import dispatcher
 from dispatcher import gauges, metrics
 from dispatcher.db import gauges as db_gauges
-from dispatcher.db import repository
 from tests import support
 
-SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
-# DESIGN.md contract 4: metric → (type, label names).
+# The metrics contract: metric → (type, label names).
 CONTRACT: dict[str, tuple[str, set[str]]] = {
     "dispatcher_attempts_total": ("counter", {"subscription", "outcome"}),
     "dispatcher_attempt_duration_seconds": ("histogram", {"subscription"}),
@@ -64,21 +62,16 @@ def value(got: Samples, name: str, **labels: str) -> float | None:
     return got.get((name, frozenset(labels.items())))
 
 
-async def _subscribe(pool: Any, url: str) -> str:
-    sub = await repository.Repository(pool).create_subscription(
-        url=url, event_types=["t.*"], secret=SECRET
-    )
-    return str(sub["id"])
-
-
 async def test_exposition_matches_what_the_receivers_saw(
     pool: Any, make_receiver: Any, start_dispatcher: Any
 ) -> None:
     ok, flaky, broken = [await make_receiver() for _ in range(3)]
     flaky.respond = lambda n, _h, _b: (500 if n == 0 else 200, {}, 0.0)
     broken.respond = lambda _n, _h, _b: (500, {}, 0.0)
-    subs = {name: await _subscribe(pool, r.url) for name, r in (("ok", ok), ("flaky", flaky))}
-    subs["broken"] = await _subscribe(pool, broken.url)
+    subs = {
+        name: await support.subscribe(pool, r.url) for name, r in (("ok", ok), ("flaky", flaky))
+    }
+    subs["broken"] = await support.subscribe(pool, broken.url)
     async with pool.acquire() as conn:
         await dispatcher.publish(conn, "t.created", {"n": 1})
     running = await start_dispatcher(gauge_interval_seconds=0.05)

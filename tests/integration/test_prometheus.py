@@ -39,7 +39,7 @@ import pytest
 import yaml
 
 import dispatcher
-from dispatcher import config
+from dispatcher import config, ports
 from dispatcher.db import repository
 from tests import support
 
@@ -164,7 +164,7 @@ def prometheus_binary() -> str:
 
 class Prometheus:
     def __init__(self, binary: str, workdir: Path, target_port: int) -> None:
-        self.port = support.free_port()
+        self.port = ports.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
