@@ -125,9 +125,7 @@ class Dispatcher:
             worker=s.worker_id,
             lease_seconds=s.lease_seconds,
         )
-        work = self.claimer = claimer.Claimer(
-            repo, http_sender, self.metrics, s, observe=monitor.observe
-        )
+        work = self.claimer = claimer.Claimer(repo, http_sender, self.metrics, s, health=monitor)
         route = router.Router(
             repo,
             self.metrics,

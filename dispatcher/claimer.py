@@ -13,7 +13,7 @@ import dataclasses
 import random
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import asyncpg
 import structlog
@@ -37,6 +37,15 @@ REFILL_LINGER_SECONDS = 0.005
 # subscription held back by its max_in_flight needs the re-check. Claiming on every finished
 # request meant an empty claim per delivery at low rates, which delayed the next real one.
 CAPACITY_RECHECK_SECONDS = 0.02
+
+
+class HealthReport(Protocol):
+    """Where the claimer reports attempts: the endpoint health monitor, which owns what
+    follows for the subscription (pause, probe, disable)."""
+
+    def observe(self, job: model.Job, result: model.AttemptResult) -> None: ...
+
+    async def gone(self, job: model.Job) -> None: ...
 
 
 def decide(
@@ -197,12 +206,12 @@ class Claimer:
         settings: config.Settings,
         *,
         rand: Callable[[], float] = random.random,
-        observe: Callable[[model.Job, model.AttemptResult], None] | None = None,
+        health: HealthReport | None = None,
     ) -> None:
         self._repo = repo
         # Every attempt's result goes to the endpoint health monitor, which owns the
         # subscription-level consequences (pause, probe, disable on 410 or a failing streak).
-        self._observe = observe
+        self._health = health
         self._sender = http_sender
         self._metrics = m
         self._settings = settings
@@ -400,8 +409,12 @@ class Claimer:
         )
         if delay is not None:
             self._schedule(delay)
-        if self._observe is not None:
-            self._observe(job, result)
+        if self._health is not None:
+            self._health.observe(job, result)
+            if result.verdict is model.Verdict.GONE:
+                # Awaited in this delivery's slot, as before the monitor took the decision
+                # over: the subscription's next delivery is not claimed until it is disabled.
+                await self._health.gone(job)
 
     def _policy(self, job: model.Job) -> config.RetryPolicy:
         """The configured policy with the subscription's overrides on top (cached per set)."""

@@ -2,7 +2,8 @@
 resume, and owns every disable: a subscription whose endpoint answered 410 Gone, and one that
 has failed continuously for the configured window.
 
-The claimer reports every attempt to :meth:`Monitor.observe` (synchronous, no I/O); the
+The claimer reports every attempt to :meth:`Monitor.observe` (synchronous, no I/O) and a 410
+to :meth:`Monitor.gone` (which disables at once, in the reporting delivery's slot); the
 monitor's loop writes what changed in a few short statements per interval (the statements
 live in ``dispatcher.db.health``):
 
@@ -51,6 +52,7 @@ SICK_OUTCOMES = frozenset(
         model.Outcome.OTHER,
     }
 )
+GONE_REASON = "endpoint answered 410 Gone"
 # A healthy subscription's last_success_at is refreshed at most this often.
 SUCCESS_REFRESH_SECONDS = 60.0
 # After the probe slot is taken, the pause is held at least this long past the lease, so a
@@ -139,21 +141,15 @@ class Monitor:
         self._probes: dict[int, str] = {}
         self._probe_results: list[ProbeResult] = []
         self._paused_labels: set[str] = set()
-        # Subscriptions whose endpoint answered 410, to disable on the next pass (kept until
-        # the disable is written).
+        # Subscriptions whose 410 disable failed to write, retried on the next pass.
         self._gone: set[str] = set()
         self._kick = asyncio.Event()
 
     # -- fed by the claimer (no I/O) -------------------------------------------------------
 
     def observe(self, job: model.Job, result: model.AttemptResult) -> None:
-        if result.verdict is model.Verdict.GONE:
-            # Not a health signal but a request to stop: disabled on the next pass.
-            self._gone.add(job.subscription_id)
-            self._kick.set()
-            return
-        if result.verdict is model.Verdict.BLOCKED:
-            return  # configuration (SSRF guard), not a health signal
+        if result.verdict in (model.Verdict.BLOCKED, model.Verdict.GONE):
+            return  # configuration (SSRF guard) and 410 (see gone()) are not health signals
         ok = result.verdict is model.Verdict.DELIVERED
         probe_of = self._probes.pop(job.delivery_id, None)
         if probe_of is not None:
@@ -176,6 +172,20 @@ class Monitor:
         elif sub.first_failure is None:
             sub.first_failure = now
         self._note_for_breaker(sub, now, sick=result.outcome in SICK_OUTCOMES)
+
+    async def gone(self, job: model.Job) -> None:
+        """The endpoint answered 410: disable its subscription now (its delivery is already
+        parked by its ack). A failed write is retried by the loop."""
+        try:
+            await self._disable(job.subscription_id, GONE_REASON, kind="gone")
+        except db_pool.ERRORS as exc:
+            log.error(
+                "subscription_disable_failed",
+                subscription=job.subscription_id,
+                error=f"{type(exc).__name__}: {exc}",
+            )
+            self._gone.add(job.subscription_id)
+            self._kick.set()
 
     def _note_for_breaker(self, sub: _Sub, now: float, *, sick: bool) -> None:
         p = self._policy
@@ -306,7 +316,7 @@ class Monitor:
     async def _disable_gone(self) -> None:
         for sid in sorted(self._gone):
             # The delivery is already parked by its ack; a failed write is retried next pass.
-            await self._disable(sid, "endpoint answered 410 Gone", kind="gone")
+            await self._disable(sid, GONE_REASON, kind="gone")
             self._gone.discard(sid)
 
     async def _disable_failing(self) -> None:
