@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 
+from dispatcher import validation
 from dispatcher.db import outbox
 
 
@@ -31,6 +32,9 @@ async def publish(
     retried producer transaction cannot publish twice."""
     if not isinstance(event_type, str) or not event_type:
         raise ValueError("event_type must be a non-empty string")
+    if event_id is not None:
+        # Refused before the database does it (webhook_outbox_event_id_printable).
+        validation.validate_event_id(event_id)
     if isinstance(payload, bytes | bytearray):
         body = bytes(payload).decode()
     elif isinstance(payload, str):

@@ -52,6 +52,15 @@ MAX_EVENT_ID_LENGTH: Final = 200
 PAGE_LIMIT_RANGE: Final = (1, 200)
 DEFAULT_PAGE_LIMIT: Final = 50
 MAX_DELIVERY_ID: Final = 2**63 - 1
+# Nesting of a JSON payload an operator sends (test events); deeper is refused, not recursed into.
+MAX_PAYLOAD_DEPTH: Final = 64
+# C0 controls but tab, DEL and C1 controls: refused in header values and event ids, which go
+# out in HTTP headers where any of them makes every attempt fail.
+CONTROL_CHARACTERS: Final = "[\x00-\x08\x0a-\x1f\x7f-\x9f]"
+# Event ids as producers may write them: no control character at all (tab included).
+EVENT_ID_PATTERN: Final = "^[^\x00-\x1f\x7f-\x9f]{1,200}$"
+# Strings the API stores: Postgres text cannot hold NUL (the OpenAPI document says so too).
+NO_NUL_PATTERN: Final = "^[^\x00]*$"
 DELIVERY_STATES: Final = tuple(state.value for state in model.DeliveryState)
 # name → (JSON type, minimum, maximum); the override is merged over the configured policy.
 RETRY_POLICY_FIELDS: Final[dict[str, tuple[str, float, float]]] = {
@@ -133,6 +142,11 @@ def validate_url(value: Any, policy: ssrf.AddressPolicy, field: str = "url") -> 
     from dispatcher import ssrf  # noqa: PLC0415
 
     url = text(value, field, max_length=MAX_URL_LENGTH, min_length=1)
+    # Schemes are case-insensitive; the stored form is lower-case (the table's CHECK and
+    # every comparison expect it), so HTTP://host is http://host, not a database error.
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme.lower() in ("http", "https"):
+        url = scheme.lower() + sep + rest
     try:
         ssrf.check_url(url, policy)
     except ssrf.InvalidUrlError as exc:
@@ -178,10 +192,22 @@ def validate_headers(value: Any, field: str = "headers") -> dict[str, str]:
     for name, raw in headers.items():
         key = _header_name(name, f"{field}.{name}")
         value_text = text(raw, f"{field}.{name}", max_length=MAX_HEADER_VALUE_LENGTH)
-        if "\r" in value_text or "\n" in value_text:
-            raise invalid(f"{field}.{name}", "must not contain line breaks", "invalid_header")
+        if re.search(CONTROL_CHARACTERS, value_text):
+            raise invalid(
+                f"{field}.{name}",
+                "must not contain line breaks or other control characters",
+                "invalid_header",
+            )
         out[key] = value_text
     return out
+
+
+def validate_event_id(value: Any, field: str = "event_id") -> str:
+    """An event id as producers give it: it is sent as the ``webhook-id`` header."""
+    event_id = text(value, field, max_length=MAX_EVENT_ID_LENGTH, min_length=1)
+    if not re.fullmatch(EVENT_ID_PATTERN, event_id):
+        raise invalid(field, "must not contain control characters", "invalid_event_id")
+    return event_id
 
 
 def validate_signature_header(value: Any, field: str = "signature_header") -> str | None:
@@ -254,9 +280,21 @@ def parse_time(value: str, field: str) -> datetime.datetime:
     if not isinstance(value, str) or not _DATE_TIME.fullmatch(value):
         raise invalid(field, "must be an RFC 3339 date-time, e.g. 2024-05-01T12:00:00Z")
     try:
-        return datetime.datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
+        parsed = datetime.datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
     except ValueError:
         raise invalid(field, "is not a valid date-time") from None
+    return _in_range(parsed, field, "invalid_value")
+
+
+def _in_range(value: datetime.datetime, field: str, code: str) -> datetime.datetime:
+    """A zoned time that stays a time once its offset is applied (0001-01-01T00:00+14:00 is
+    before year 1 in UTC, which neither Python nor the driver can carry)."""
+    if value.tzinfo is None:
+        raise invalid(field, "must carry a UTC offset", code)
+    try:
+        return value.astimezone(datetime.UTC)
+    except OverflowError:
+        raise invalid(field, "is outside the supported date range", code) from None
 
 
 def _parse_int(value: str, field: str, low: int, high: int) -> int:
@@ -366,21 +404,28 @@ def validate_disable(body: Mapping[str, Any]) -> str:
 def validate_test_event(body: Mapping[str, Any]) -> dict[str, Any]:
     _reject_unknown(body, ("payload",))
     payload = _object(body.get("payload", {"message": "test event"}), "payload")
-    _check_json_strings(payload, "payload")
+    check_json_value(payload, "payload")
     return payload
 
 
-def _check_json_strings(value: Any, field: str) -> None:
-    """jsonb cannot hold NUL in strings or keys either."""
-    if isinstance(value, str):
-        text(value, field, max_length=1 << 20)
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            text(k, field, max_length=1 << 20)
-            _check_json_strings(v, f"{field}.{k}")
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            _check_json_strings(v, f"{field}[{i}]")
+def check_json_value(value: Any, field: str, *, max_depth: int = MAX_PAYLOAD_DEPTH) -> None:
+    """A JSON value jsonb and the serialiser can take: no NUL in strings or keys (jsonb
+    cannot hold it) and at most ``max_depth`` levels. Walked without recursion, so a deep
+    value is refused, never a RecursionError."""
+    stack: list[tuple[Any, str, int]] = [(value, field, 1)]
+    while stack:
+        item, where, depth = stack.pop()
+        if isinstance(item, str):
+            text(item, where, max_length=1 << 20)
+        elif isinstance(item, dict | list):
+            if depth > max_depth:
+                raise invalid(field, f"must nest at most {max_depth} levels", "too_deep")
+            if isinstance(item, dict):
+                for k, v in item.items():
+                    text(k, where, max_length=1 << 20)
+                    stack.append((v, f"{where}.{k}", depth + 1))
+            else:
+                stack.extend((v, f"{where}[{i}]", depth + 1) for i, v in enumerate(item))
 
 
 def validate_retry_dead(body: Mapping[str, Any]) -> datetime.datetime:
@@ -450,7 +495,11 @@ def id_cursor(query: Mapping[str, str], kind: str) -> int | None:
     values = decode_cursor(query, kind)
     if values is None:
         return None
-    if len(values) != 1 or not re.fullmatch(r"[0-9]{1,19}", values[0]):
+    if (
+        len(values) != 1
+        or not re.fullmatch(r"[0-9]{1,19}", values[0])
+        or int(values[0]) > MAX_DELIVERY_ID
+    ):
         raise invalid("cursor", "is not a cursor for this listing", "invalid_cursor")
     return int(values[0])
 
@@ -461,7 +510,8 @@ def subscription_cursor(query: Mapping[str, str]) -> tuple[datetime.datetime, uu
         return None
     try:
         created, sid = values
-        return datetime.datetime.fromisoformat(created), uuid.UUID(sid)
+        when = _in_range(datetime.datetime.fromisoformat(created), "cursor", "invalid_cursor")
+        return when, uuid.UUID(sid)
     except ValueError:
         raise invalid("cursor", "is not a cursor for this listing", "invalid_cursor") from None
 
