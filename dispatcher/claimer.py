@@ -332,6 +332,15 @@ class Claimer:
             children.retries_scheduled.inc()
         if result.verdict is errors.Verdict.BLOCKED:
             self._metrics.ssrf_blocked.inc()
+        elif result.verdict is errors.Verdict.UNSENDABLE:
+            # Parked until the configuration changes; the attempt line below says so too, this
+            # one is for the operator's alerting on log events.
+            self._log.warning(
+                "delivery_unsendable",
+                delivery_id=job.delivery_id,
+                subscription=job.subscription_id,
+                reason=result.error,
+            )
         self._log.info(
             "attempt",
             event_id=job.event_id,
@@ -380,6 +389,8 @@ class Claimer:
             return "parked", None, result.error
         if verdict is errors.Verdict.BLOCKED:
             return "dead", None, result.error
+        if verdict is errors.Verdict.UNSENDABLE:
+            return "parked", None, result.error
         decision = backoff.decide(
             attempt=job.attempt,
             age_seconds=now - job.event_created_at,

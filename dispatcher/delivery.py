@@ -7,6 +7,7 @@ raises for an HTTP outcome; every attempt ends as an ``errors.AttemptResult``.
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from collections.abc import Callable, Mapping
 
@@ -29,6 +30,23 @@ RESERVED_HEADERS = frozenset(
         "connection",
     }
 )
+# What HTTP/1.1 allows in a field name (a token) and value (visible ASCII, space, tab and
+# obs-text); aiohttp refuses the rest when the request is written.
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_HEADER_VALUE = re.compile(r"^[\t\x20-\x7e\x80-\U0010ffff]*$")
+
+
+class UnsendableError(Exception):
+    """This subscription's request cannot be built; the message names why, never a value."""
+
+
+def header_problem(name: str, value: str) -> str | None:
+    """Why HTTP would refuse this header, or None. Names the header, never its value."""
+    if not _HEADER_NAME.match(name):
+        return f"header name {name[:64]!r} is not an HTTP token"
+    if not _HEADER_VALUE.match(value):
+        return f"header {name!r} has a control character in its value"
+    return None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -52,6 +70,9 @@ class Job:
     manual: bool = False
     # The subscription's overrides of the configured retry policy (field name → value).
     retry_policy: Mapping[str, float] | None = None
+    # Why this row cannot be sent as stored (found while loading it, e.g. a secret sealed under
+    # a key this process does not hold); the sender then parks it without a request.
+    problem: str | None = None
 
 
 class Sender:
@@ -91,18 +112,27 @@ class Sender:
         self._signers: dict[tuple[str | None, tuple[str, ...]], tuple[signing.Signer, ...]] = {}
 
     def build_headers(self, job: Job, timestamp: int) -> dict[str, str]:
+        """The request's headers; ``UnsendableError`` when the subscription cannot produce them
+        (a refused header, an unusable secret, a signer that fails)."""
         headers = (
             {k: v for k, v in job.headers.items() if k.lower() not in RESERVED_HEADERS}
             if job.headers
             else {}
         )
+        for name, value in headers.items():
+            problem = header_problem(name, value)
+            if problem is not None:
+                raise UnsendableError(problem)
         headers["content-type"] = "application/json"
         headers["user-agent"] = USER_AGENT
         key = (job.signature_header, job.signers)
         signers = self._signers.get(key)
         if signers is None:
             # Unknown names raise SigningError here, every time (nothing cached for them).
-            signers = self._registry.for_subscription(job.signature_header, job.signers)
+            try:
+                signers = self._registry.for_subscription(job.signature_header, job.signers)
+            except signing.SigningError as exc:
+                raise UnsendableError(f"signing: {exc}") from None
             self._signers[key] = signers
         item = signing.SigningInput(
             msg_id=job.event_id,
@@ -111,12 +141,29 @@ class Sender:
             secrets=job.secrets,
             header_name=job.signature_header,
         )
-        headers.update(signing.sign(signers, item))
+        for signer in signers:
+            try:
+                signed = signer.headers(item)
+            except signing.SigningError as exc:
+                raise UnsendableError(f"signing: {exc}") from None
+            except Exception as exc:
+                # A plug-in's own error text may quote what it was given (the secret): only
+                # its type is kept.
+                raise UnsendableError(
+                    f"signer {signer.name!r} raised {type(exc).__name__}"
+                ) from None
+            for name, value in signed.items():
+                problem = header_problem(name, value)
+                if problem is not None:
+                    raise UnsendableError(f"signer {signer.name!r}: {problem}")
+            headers.update(signed)
         return headers
 
     async def send(self, job: Job) -> errors.AttemptResult:
         started = time.monotonic()
         try:
+            if job.problem is not None:
+                raise UnsendableError(job.problem)
             if self._guard is not None:
                 self._guard(job.url)
             headers = self.build_headers(job, int(self._clock()))
@@ -135,12 +182,12 @@ class Sender:
             if self._is_blocked(exc):
                 return self._blocked(exc, started)
             return self._failure(errors.Outcome.OTHER, _describe(exc), started)
-        except signing.SigningError as exc:
+        except UnsendableError as exc:
             return errors.AttemptResult(
-                verdict=errors.Verdict.PERMANENT,
-                outcome=errors.Outcome.OTHER,
+                verdict=errors.Verdict.UNSENDABLE,
+                outcome=errors.Outcome.CONFIG_ERROR,
                 status=None,
-                error=f"signing: {exc}",
+                error=f"cannot send: {exc}",
                 duration_seconds=time.monotonic() - started,
             )
         except Exception as exc:

@@ -20,6 +20,10 @@ class Verdict(enum.Enum):
     PERMANENT = "permanent"  # other 4xx, 3xx: retried a few times, then dead
     GONE = "gone"  # 410: disable the subscription, park its work
     BLOCKED = "blocked"  # SSRF guard refused the destination: dead at once
+    # The request cannot be built from the subscription as stored (a secret sealed under a key
+    # this process lacks, a header value HTTP refuses, a signer that fails): parked, not retried,
+    # because no retry can fix it until someone changes the configuration.
+    UNSENDABLE = "unsendable"
 
 
 class Outcome(enum.StrEnum):
@@ -31,7 +35,9 @@ class Outcome(enum.StrEnum):
     HTTP_429 = "http_429"
     TIMEOUT = "timeout"
     CONNECT_ERROR = "connect_error"
+    TLS_ERROR = "tls_error"
     BLOCKED = "blocked"
+    CONFIG_ERROR = "config_error"
     OTHER = "other"
 
 

@@ -216,13 +216,17 @@ class Monitor:
     # -- fed by the claimer (no I/O) -------------------------------------------------------
 
     def observe(self, job: delivery.Job, result: errors.AttemptResult) -> None:
-        if result.verdict in (errors.Verdict.BLOCKED, errors.Verdict.GONE):
-            return  # configuration (SSRF) and 410 are handled elsewhere, not health signals
         ok = result.verdict is errors.Verdict.DELIVERED
         probe_of = self._probes.pop(job.delivery_id, None)
         if probe_of is not None:
             self._probe_results.append(ProbeResult(probe_of, ok, None if ok else result.error))
             self._kick.set()
+        if result.verdict in (
+            errors.Verdict.BLOCKED,
+            errors.Verdict.GONE,
+            errors.Verdict.UNSENDABLE,
+        ):
+            return  # configuration (SSRF, unsendable) and 410 are handled elsewhere
         now = self._clock()
         sub = self._subs.setdefault(job.subscription_id, _Sub())
         if probe_of is not None and ok:
