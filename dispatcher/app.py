@@ -105,7 +105,9 @@ class Dispatcher:
         self.bound_port = _bound_port(runner)
         policy = self.policy
         resolver = ssrf.build_connector_resolver(policy)
-        session = delivery.build_session(max_connections=s.max_in_flight, resolver=resolver)
+        session = delivery.build_session(
+            max_connections=s.max_in_flight, resolver=resolver, tls=delivery.tls_context()
+        )
         sender = delivery.Sender(
             session,
             signers,

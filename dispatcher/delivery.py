@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import ssl
 import time
 from collections.abc import Callable, Mapping
 
@@ -174,6 +175,10 @@ class Sender:
             return self._failure(errors.Outcome.TIMEOUT, "request deadline exceeded", started)
         except aiohttp.ServerTimeoutError as exc:
             return self._failure(errors.Outcome.TIMEOUT, _describe(exc), started)
+        except (aiohttp.ClientSSLError, aiohttp.ServerFingerprintMismatch) as exc:
+            # Before ClientConnectorError (its parent): a certificate that fails verification
+            # (wrong host, expired, unknown CA) is its own outcome, retried like a connect error.
+            return self._failure(errors.Outcome.TLS_ERROR, _describe_tls(exc), started)
         except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
             if self._is_blocked(exc):
                 return self._blocked(exc, started)
@@ -293,9 +298,25 @@ def classify_response(
     )
 
 
+def _describe_tls(exc: BaseException) -> str:
+    """The verification failure in OpenSSL's words (wrong host, expired, unknown CA...)."""
+    cert_error = getattr(exc, "certificate_error", None)
+    reason = getattr(cert_error, "verify_message", None)
+    if reason:
+        return f"TLS certificate verify failed: {reason}"[:500]
+    return "TLS: " + _describe(exc)
+
+
 def _describe(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return f"{type(exc).__name__}: {text}"[:500]
+
+
+def tls_context() -> ssl.SSLContext:
+    """Verifies the chain and the host name. Trust comes from OpenSSL's defaults, which honour
+    ``SSL_CERT_FILE`` and ``SSL_CERT_DIR``: that is how a private CA is trusted. Built when the
+    dispatcher starts (aiohttp's own default context is made at import time, before them)."""
+    return ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
 
 
 def build_session(
@@ -303,14 +324,19 @@ def build_session(
     max_connections: int,
     keepalive_seconds: float = 30.0,
     resolver: aiohttp.abc.AbstractResolver | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> aiohttp.ClientSession:
-    """The one shared client: keep-alive pool, no env proxies, no automatic decompression."""
+    """The one shared client: keep-alive pool, no env proxies, no automatic decompression.
+
+    The connector connects only to addresses ``resolver`` returned (the SSRF guard pins them);
+    TLS still sends the URL's host as SNI and verifies the certificate against it."""
     connector = aiohttp.TCPConnector(
         limit=max_connections,
         limit_per_host=0,
         keepalive_timeout=keepalive_seconds,
         ttl_dns_cache=30,
         resolver=resolver,
+        ssl=tls if tls is not None else tls_context(),
     )
     return aiohttp.ClientSession(
         connector=connector,

@@ -47,6 +47,7 @@ SICK_OUTCOMES = frozenset(
         errors.Outcome.HTTP_429,
         errors.Outcome.TIMEOUT,
         errors.Outcome.CONNECT_ERROR,
+        errors.Outcome.TLS_ERROR,
         errors.Outcome.OTHER,
     }
 )

@@ -379,6 +379,10 @@ def check_request_host(url: yarl.URL | str, policy: AddressPolicy) -> None:
     (except localhost, which is decided here without a lookup).
     """
     parsed = url if isinstance(url, yarl.URL) else yarl.URL(url)
+    if policy.https_only and parsed.scheme != "https":
+        # A row written before the setting (or behind the validation's back) must not go out
+        # in clear text either.
+        raise BlockedAddressError(parsed.raw_host or "", None, "only https URLs are allowed")
     if parsed.raw_host:
         _check_host(parsed.raw_host, policy)
 

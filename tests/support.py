@@ -9,6 +9,7 @@ import asyncio
 import dataclasses
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -69,7 +70,10 @@ class Receiver:
     ``respond(request_number, headers, body) -> (status, headers, delay_seconds)`` decides each
     answer; it defaults to 200. Concurrency is tracked so limits can be asserted."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, tls: ssl.SSLContext | None = None, host: str = "127.0.0.1") -> None:
+        # With ``tls`` it serves HTTPS on 127.0.0.1; ``host`` is the name the URL uses.
+        self._tls = tls
+        self.host = host
         self.requests: list[Received] = []
         self.concurrent = 0
         self.max_concurrent = 0
@@ -83,14 +87,15 @@ class Receiver:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hook"
+        scheme = "https" if self._tls is not None else "http"
+        return f"{scheme}://{self.host}:{self.port}/hook"
 
     async def start(self) -> Receiver:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self._tls)
         await site.start()
         self.port = self._runner.addresses[0][1]
         return self
