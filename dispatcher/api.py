@@ -562,6 +562,8 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return problem_response(
             exc.status, exc.code, exc.detail, field=exc.field, headers=exc.headers
         )
+    except management.Refused as exc:
+        return problem_response(400, exc.code, exc.detail, field=exc.field)
     except management.NotFound as exc:
         return problem_response(404, exc.code, exc.detail)
     except management.Conflict as exc:

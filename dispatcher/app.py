@@ -84,7 +84,7 @@ class Dispatcher:
         self.health = admin.Health(repo.ping)
         signers = signing.SignerRegistry.load()
         management_api = api.build(
-            management.Management(self.pool, repo),
+            management.Management(self.pool, repo, policy=self.policy),
             token=s.admin_token,
             policy=self.policy,
             signers=signers,

@@ -330,6 +330,7 @@ def cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 def cmd_subscriptions_add(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from dispatcher import signing  # noqa: PLC0415
+    from dispatcher.db import management  # noqa: PLC0415
 
     secret = args.secret or signing.generate_secret()
     try:
@@ -352,19 +353,28 @@ def cmd_subscriptions_add(args: argparse.Namespace, env: Mapping[str, str]) -> i
             dsn, min_size=1, max_size=1, application_name="dispatcher-cli"
         )
         try:
-            return await repository.Repository(pool, box=box).create_subscription(
-                url=args.url,
-                event_types=args.event_type,
-                secret=secret,
-                signature_header=args.signature_header,
-                max_in_flight=args.max_in_flight,
-                description=args.description,
+            # Through the shared management path: it resolves the host and refuses a name
+            # whose every address is blocked.
+            return await management.Management(
+                pool, repository.Repository(pool, box=box), policy=address_policy(env)
+            ).create_subscription(
+                {
+                    "url": args.url,
+                    "event_types": args.event_type,
+                    "secret": secret,
+                    "signature_header": args.signature_header,
+                    "max_in_flight": args.max_in_flight,
+                    "description": args.description,
+                }
             )
         finally:
             await pool.close()
 
     with database(env) as dsn:
-        _print_json(_run(main(dsn)))
+        try:
+            _print_json(_run(main(dsn)))
+        except management.Refused as exc:
+            raise CliError(f"--url: {exc.detail}") from None
     return 0
 
 

@@ -35,11 +35,12 @@ def _execute(env: Env, operation: Operation) -> Any:
         )
         try:
             repo = repository.Repository(pool, box=box)
-            return await operation(management.Management(pool, repo))
+            return await operation(management.Management(pool, repo, policy=policy))
         finally:
             await pool.close()
 
     box = cli.secret_box(env)
+    policy = cli.address_policy(env)
     with cli.database(env) as dsn:
         try:
             return cli._run(main(dsn))

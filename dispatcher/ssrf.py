@@ -239,8 +239,9 @@ def parse_ip_literal(host: str) -> IPAddress | None:
 
     Accepts what a C resolver would turn into an address without DNS, because that is what
     getaddrinfo does with such a host: inet_aton forms (``2130706433``, ``0x7f000001``,
-    ``0177.0.0.1``, ``127.1``, ``0x7f.1``), bracketed IPv6, zone ids, percent-encoding and one
-    trailing dot. Erring towards "this is an address" is safe: the address is then judged.
+    ``0177.0.0.1``, ``127.1``, ``0x7f.1``), bracketed IPv6, zone ids, percent-encoding and
+    trailing dots (any number: ``127.0.0.2..`` is judged as 127.0.0.2, not left to the HTTP
+    library). Erring towards "this is an address" is safe: the address is then judged.
     """
     text = urllib.parse.unquote(host).strip().lower()
     if text.startswith("[") and text.endswith("]"):
@@ -258,9 +259,7 @@ def parse_ip_literal(host: str) -> IPAddress | None:
             except ValueError:
                 return ipv6
         return ipv6
-    if text.endswith("."):
-        text = text[:-1]
-    return _parse_inet_aton(text)
+    return _parse_inet_aton(text.rstrip("."))
 
 
 def _parse_inet_aton(text: str) -> ipaddress.IPv4Address | None:
@@ -314,6 +313,10 @@ def _check_host(host: str, policy: AddressPolicy) -> None:
         reason = policy.block_reason(ip)
         if reason is not None:
             raise BlockedAddressError(host, str(ip), reason)
+    elif ".." in host or host.startswith("."):
+        # An empty label is no DNS name; what a resolver or the HTTP library would make of it
+        # is not this guard's to guess.
+        raise BlockedAddressError(host, None, "malformed host name (empty label)")
     elif _is_localhost_name(host) and not any(
         # Blocked unless the allow-list covers what the name means.
         policy.is_allowed(address)

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import aiohttp.abc
 from aiohttp import web
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -157,3 +158,33 @@ def spawn_dispatcher(
         stdout=out,
         stderr=subprocess.STDOUT,
     )
+
+
+class StaticResolver(aiohttp.abc.AbstractResolver):
+    """DNS for made-up names (name → addresses); an unknown name fails like NXDOMAIN. The SSRF
+    guard wraps it and still judges every answer."""
+
+    def __init__(self, names: dict[str, list[str]]) -> None:
+        self.names = names
+        self.asked: list[str] = []
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[aiohttp.abc.ResolveResult]:
+        self.asked.append(host)
+        if host not in self.names:
+            raise OSError(f"unknown name {host}")
+        return [
+            {
+                "hostname": host,
+                "host": address,
+                "port": port,
+                "family": socket.AF_INET6 if ":" in address else socket.AF_INET,
+                "proto": 0,
+                "flags": socket.AI_NUMERICHOST,
+            }
+            for address in self.names[host]
+        ]
+
+    async def close(self) -> None:
+        return None

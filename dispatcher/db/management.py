@@ -13,18 +13,24 @@ meanwhile. The caller encodes the returned key as an opaque cursor.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import aiohttp.abc
+import aiohttp.resolver
 import orjson
 
-from dispatcher import producer
+from dispatcher import producer, ssrf
 from dispatcher.db import repository
 
 TEST_EVENT_TYPE = "dispatcher.test"
+# Resolving a new URL's host is early feedback, not the defence (the connector judges every
+# connection): a lookup that hangs or fails lets the URL through rather than blocking a create.
+RESOLVE_TIMEOUT_SECONDS = 5.0
 # Deliveries a manual retry may requeue; in_flight is on the wire and parked waits for its
 # subscription to be enabled again.
 RETRYABLE_STATES = ("pending", "retrying", "dead", "delivered", "cancelled")
@@ -49,6 +55,17 @@ class NotFound(ManagementError):
 
 class Conflict(ManagementError):
     code = "conflict"
+
+
+class Refused(ManagementError):
+    """A well-formed request for something the policy forbids (a URL whose host resolves only
+    to blocked addresses); ``field`` names the input."""
+
+    code = "blocked_url"
+
+    def __init__(self, detail: str, *, field: str) -> None:
+        super().__init__(detail)
+        self.field = field
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -187,14 +204,41 @@ def event_dict(row: Any) -> dict[str, Any]:
 class Management:
     """Management operations over an asyncpg pool; ``repo`` supplies the shared statements."""
 
-    def __init__(self, pool: Any, repo: repository.Repository | None = None) -> None:
+    def __init__(
+        self,
+        pool: Any,
+        repo: repository.Repository | None = None,
+        *,
+        policy: ssrf.AddressPolicy | None = None,
+        resolver: aiohttp.abc.AbstractResolver | None = None,
+    ) -> None:
         self.pool = pool
         self.repo = repo or repository.Repository(pool)
+        # With a policy, a new or changed URL's host is resolved and refused when every
+        # address it has is blocked (``resolver`` is for tests; the system one otherwise).
+        self._policy = policy
+        self._resolver = resolver
+
+    async def _check_resolved(self, url: str) -> None:
+        if self._policy is None:
+            return
+        inner = self._resolver or aiohttp.resolver.DefaultResolver()
+        try:
+            async with asyncio.timeout(RESOLVE_TIMEOUT_SECONDS):
+                await ssrf.check_url_resolved(url, self._policy, inner)
+        except ssrf.BlockedAddressError as exc:
+            raise Refused(str(exc), field="url") from None
+        except (OSError, TimeoutError):
+            pass  # not resolvable now; every connection is judged again when it is made
+        finally:
+            if self._resolver is None:
+                await inner.close()
 
     # -- subscriptions ---------------------------------------------------------------------
 
     async def create_subscription(self, spec: Mapping[str, Any]) -> dict[str, Any]:
         """``spec`` is a validated create request; the result includes the secret."""
+        await self._check_resolved(spec["url"])
         created = await self.repo.create_subscription(**spec)
         secret = created.pop("secret")
         return {**created, **NO_HEALTH, "secret": secret}
@@ -245,6 +289,8 @@ class Management:
         """Set the given columns in one statement (all or nothing)."""
         if not changes:
             return await self.get_subscription(subscription_id)
+        if "url" in changes:
+            await self._check_resolved(changes["url"])
         sets = []
         args: list[Any] = [subscription_id]
         for column, value in changes.items():

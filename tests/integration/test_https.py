@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import ssl
 import subprocess
 import sys
@@ -18,7 +17,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp.abc
 import prometheus_client
 import pytest
 import trustme
@@ -36,37 +34,9 @@ HOST = "hooks.example.test"
 SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
 
-class _StaticResolver(aiohttp.abc.AbstractResolver):
-    """DNS for the test's made-up names; the guard still judges every answer."""
-
-    def __init__(self, names: dict[str, str]) -> None:
-        self.names = names
-        self.asked: list[str] = []
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[aiohttp.abc.ResolveResult]:
-        self.asked.append(host)
-        if host not in self.names:
-            raise OSError(f"unknown name {host}")
-        return [
-            {
-                "hostname": host,
-                "host": self.names[host],
-                "port": port,
-                "family": socket.AF_INET,
-                "proto": 0,
-                "flags": socket.AI_NUMERICHOST,
-            }
-        ]
-
-    async def close(self) -> None:
-        return None
-
-
 @pytest.fixture
-def dns(monkeypatch: pytest.MonkeyPatch) -> _StaticResolver:
-    static = _StaticResolver({HOST: "127.0.0.1", "evil.example.test": "10.0.0.1"})
+def dns(monkeypatch: pytest.MonkeyPatch) -> support.StaticResolver:
+    static = support.StaticResolver({HOST: ["127.0.0.1"]})
     real = ssrf.build_connector_resolver
     monkeypatch.setattr(
         ssrf, "build_connector_resolver", lambda policy, inner=None: real(policy, static)
@@ -162,7 +132,11 @@ async def _attempts(pool: Any, sid: str) -> list[tuple[str, str | None]]:
 
 
 async def test_https_delivery_verifies_chain_and_host_through_the_pinned_address(
-    pool: Any, ca: trustme.CA, dns: _StaticResolver, tls_receivers: Any, start_dispatcher: Any
+    pool: Any,
+    ca: trustme.CA,
+    dns: support.StaticResolver,
+    tls_receivers: Any,
+    start_dispatcher: Any,
 ) -> None:
     sni: list[str | None] = []
     rx = await tls_receivers(_server_context(ca.issue_cert(HOST), sni))
@@ -198,7 +172,7 @@ def _expired(ca: trustme.CA) -> trustme.LeafCert:
 async def test_bad_certificate_is_a_tls_error_retried_with_backoff(  # noqa: PLR0917 (fixtures)
     pool: Any,
     ca: trustme.CA,
-    dns: _StaticResolver,
+    dns: support.StaticResolver,
     tls_receivers: Any,
     start_dispatcher: Any,
     tmp_path: Path,
