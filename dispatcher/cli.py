@@ -374,7 +374,7 @@ def cmd_subscriptions_add(args: argparse.Namespace, env: Mapping[str, str]) -> i
         try:
             _print_json(_run(main(dsn)))
         except management.Refused as exc:
-            raise CliError(f"--url: {exc.detail}") from None
+            raise CliError(f"--{exc.field.replace('_', '-')}: {exc.detail}") from None
     return 0
 
 

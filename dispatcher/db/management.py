@@ -14,6 +14,7 @@ meanwhile. The caller encodes the returned key as an opaque cursor.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime
 import uuid
@@ -24,7 +25,7 @@ import aiohttp.abc
 import aiohttp.resolver
 import orjson
 
-from dispatcher import producer, ssrf
+from dispatcher import producer, secretbox, signing, ssrf
 from dispatcher.db import repository
 
 TEST_EVENT_TYPE = "dispatcher.test"
@@ -58,13 +59,12 @@ class Conflict(ManagementError):
 
 
 class Refused(ManagementError):
-    """A well-formed request for something the policy forbids (a URL whose host resolves only
-    to blocked addresses); ``field`` names the input."""
+    """A well-formed request for something the rules forbid (a URL whose host resolves only
+    to blocked addresses, a secret its signature scheme cannot use); ``field`` names the
+    input. Answered like a validation error."""
 
-    code = "blocked_url"
-
-    def __init__(self, detail: str, *, field: str) -> None:
-        super().__init__(detail)
+    def __init__(self, detail: str, *, field: str, code: str) -> None:
+        super().__init__(detail, code=code)
         self.field = field
 
 
@@ -227,17 +227,25 @@ class Management:
             async with asyncio.timeout(RESOLVE_TIMEOUT_SECONDS):
                 await ssrf.check_url_resolved(url, self._policy, inner)
         except ssrf.BlockedAddressError as exc:
-            raise Refused(str(exc), field="url") from None
+            raise Refused(str(exc), field="url", code="blocked_url") from None
         except (OSError, TimeoutError):
             pass  # not resolvable now; every connection is judged again when it is made
         finally:
             if self._resolver is None:
                 await inner.close()
 
+    @staticmethod
+    def _check_scheme(secret: str, signature_header: str | None, field: str) -> None:
+        try:
+            signing.check_secret_scheme(secret, signature_header)
+        except signing.SigningError as exc:
+            raise Refused(str(exc), field=field, code="invalid_secret") from None
+
     # -- subscriptions ---------------------------------------------------------------------
 
     async def create_subscription(self, spec: Mapping[str, Any]) -> dict[str, Any]:
         """``spec`` is a validated create request; the result includes the secret."""
+        self._check_scheme(spec["secret"], spec.get("signature_header"), "secret")
         await self._check_resolved(spec["url"])
         created = await self.repo.create_subscription(**spec)
         secret = created.pop("secret")
@@ -291,6 +299,15 @@ class Management:
             return await self.get_subscription(subscription_id)
         if "url" in changes:
             await self._check_resolved(changes["url"])
+        if "signature_header" in changes and not changes["signature_header"]:
+            # Plain read: a plain secret cannot lose the only header it signs.
+            stored = await self.pool.fetchval(
+                "SELECT secret FROM webhook_subscriptions WHERE id = $1", subscription_id
+            )
+            # A secret this process cannot open is left to the sender (it parks, with reason).
+            if stored is not None:
+                with contextlib.suppress(secretbox.SecretBoxError):
+                    self._check_scheme(self.repo.box.open(stored), None, "signature_header")
         sets = []
         args: list[Any] = [subscription_id]
         for column, value in changes.items():
@@ -337,6 +354,12 @@ class Management:
     ) -> dict[str, Any]:
         """The current secret keeps signing (alongside the new one) for ``grace_seconds``.
         A rotation during a grace period drops the oldest secret."""
+        # Plain read: the new secret must fit the scheme the subscription signs with.
+        header = await self.pool.fetchrow(
+            "SELECT signature_header FROM webhook_subscriptions WHERE id = $1", subscription_id
+        )
+        if header is not None:
+            self._check_scheme(new_secret, header["signature_header"], "secret")
         # Row lock (UPDATE): a claim in progress finishes with the old pair first. The old
         # value moves over as stored (sealed or not).
         row = await self.pool.fetchrow(
