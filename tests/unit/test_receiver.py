@@ -507,3 +507,99 @@ def test_summary_line_has_type_and_status_only() -> None:
 def test_build_app_rejects_bad_fail_ratio() -> None:
     with pytest.raises(ValueError, match="fail_ratio"):
         example.build_app(NEW, fail_ratio=1.5)
+
+
+# --- exactly what was signed, and the boundaries --------------------------------------------
+
+
+def test_zero_padded_timestamp_is_refused() -> None:
+    """The signature covers the header's bytes; "0<ts>" was never signed."""
+    headers = dispatcher_headers(header_name=None)
+    headers["webhook-timestamp"] = "0" + headers["webhook-timestamp"]
+    with pytest.raises(receiver.TimestampError, match="unix seconds"):
+        receiver.verify_standard(NEW, headers, BODY, now=NOW)
+
+
+@pytest.mark.parametrize("how", ["upper", "space_before", "space_after", "sha512"])
+def test_body_hmac_accepts_only_the_exact_lower_case_form(how: str) -> None:
+    good = dispatcher_headers()[HEADER]
+    receiver.verify_body_hmac(NEW, good, BODY)
+    digits = good.removeprefix("sha256=")
+    value = {
+        "upper": "sha256=" + digits.upper(),
+        "space_before": "sha256= " + digits,
+        "space_after": good + " ",
+        "sha512": "sha512=" + digits,
+    }[how]
+    with pytest.raises(receiver.InvalidSignatureError):
+        receiver.verify_body_hmac(NEW, value, BODY)
+
+
+def test_signature_entry_needs_the_v1_comma_form() -> None:
+    headers = dispatcher_headers(header_name=None)
+    signature = headers["webhook-signature"]
+    encoded = signature.removeprefix("v1,")
+    for value in (encoded, "v1" + encoded, "v1;" + encoded, "v2," + encoded):
+        with pytest.raises(receiver.InvalidSignatureError):
+            receiver.verify_standard(NEW, {**headers, "webhook-signature": value}, BODY, now=NOW)
+
+
+def test_verify_standard_uses_the_clock_when_now_is_omitted() -> None:
+    receiver.verify_standard(NEW, dispatcher_headers(timestamp=int(time.time())), BODY)
+    with pytest.raises(receiver.TimestampError, match="too old"):
+        receiver.verify_standard(NEW, dispatcher_headers(timestamp=NOW - 10_000_000), BODY)
+
+
+def test_plain_secret_verifies_the_body_hmac_and_needs_its_header() -> None:
+    plain = "plain-text-secret-for-hmac"
+    headers = dispatcher_headers(secrets=(plain,))
+    assert "webhook-signature" not in headers
+    verified = receiver.Verifier(plain, signature_header=HEADER, clock=lambda: NOW).verify(
+        headers, BODY
+    )
+    assert verified == receiver.Verified("msg_1", NOW, body_hmac=True)
+    with pytest.raises(ValueError, match="whsec_"):
+        receiver.Verifier(plain)
+    with pytest.raises(ValueError, match="whsec_"):
+        receiver.verify_standard(plain, headers, BODY, now=NOW)
+
+
+def _handler_app(
+    process: Callable[[dict[str, Any], Mapping[str, str]], Awaitable[None]],
+) -> web.Application:
+    app = web.Application()
+    app.router.add_post(
+        "/hook",
+        receiver.webhook_handler(
+            receiver.Verifier(NEW), receiver.MemoryIdempotencyStore(), process
+        ),
+    )
+    return app
+
+
+async def test_handler_processes_each_distinct_id(make_client: ClientFactory) -> None:
+    seen: list[str] = []
+
+    async def record(payload: dict[str, Any], headers: Mapping[str, str]) -> None:
+        seen.append(headers["webhook-id"])
+
+    client = await make_client(_handler_app(record))
+    for msg_id in ("msg_a", "msg_b", "msg_a"):
+        resp = await client.post("/hook", data=BODY, headers=fresh(msg_id=msg_id, header_name=None))
+        assert resp.status == 200
+    assert seen == ["msg_a", "msg_b"]
+
+
+async def test_handler_failure_answers_500_with_a_problem_body(
+    make_client: ClientFactory,
+) -> None:
+    async def broken(payload: dict[str, Any], headers: Mapping[str, str]) -> None:
+        raise RuntimeError("secret detail that must not leak")
+
+    client = await make_client(_handler_app(broken))
+    resp = await client.post("/hook", data=BODY, headers=fresh(header_name=None))
+    assert resp.status == 500
+    assert await resp.json() == {
+        "error": "processing_failed",
+        "detail": "the receiver could not process the event",
+    }
