@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import dataclasses
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -52,9 +53,10 @@ _SUBSCRIPTIONS_SQL = """
 -- No locks. A stable order (oldest first) so every replica labels the same subscriptions
 -- individually. Oldest age: one probe of webhook_deliveries_oldest (min() over a partial
 -- index becomes a LIMIT 1 scan), only for subscriptions whose counts say they have work.
-SELECT s.id::text AS id,
+SELECT s.id::text AS id, s.url, s.description,
        -- Up: enabled and not paused by the circuit breaker (sql/005_reliability.sql).
        s.enabled AND (s.paused_until IS NULL OR s.paused_until <= now()) AS up,
+       s.enabled AND s.paused_until > now() IS TRUE AS paused,
        CASE WHEN s.id = ANY($1::uuid[]) THEN
            extract(epoch FROM now() - (
                SELECT min(d.event_created_at) FROM webhook_deliveries d
@@ -95,6 +97,10 @@ class Subscription:
     enabled: bool  # and not paused
     # Seconds since the oldest undelivered delivery's event was written; None when idle.
     oldest_age_seconds: float | None = None
+    # What dispatcher_subscription_info shows a person: the URL's host and the description.
+    host: str = ""
+    description: str = ""
+    paused: bool = False  # by the circuit breaker (enabled, resumes by itself)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -114,6 +120,9 @@ class Folded:
     depth: dict[tuple[str, str], int]  # (label, state) → deliveries
     oldest_age_seconds: dict[str, float]
     up: dict[str, int]
+    # (label, host, description) of every subscription that has a label of its own.
+    info: frozenset[tuple[str, str, str]] = frozenset()
+    paused: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def fold(snapshot: Snapshot, label: Callable[[str], str]) -> Folded:
@@ -123,12 +132,17 @@ def fold(snapshot: Snapshot, label: Callable[[str], str]) -> Folded:
     oldest: dict[str, float] = {}
     up: dict[str, int] = {}
     labels: dict[str, str] = {}
+    info: set[tuple[str, str, str]] = set()
+    paused: dict[str, int] = {}
     for sub in snapshot.subscriptions:
         name = labels[sub.id] = label(sub.id)
+        if name != metrics.OTHER:
+            info.add((name, sub.host, sub.description))
         for state in metrics.QUEUE_STATES:
             depth.setdefault((name, state), 0)
         oldest[name] = max(oldest.get(name, 0.0), sub.oldest_age_seconds or 0.0)
         up[name] = min(up.get(name, 1), int(sub.enabled))
+        paused[name] = max(paused.get(name, 0), int(sub.paused))
     for (sub_id, state), n in snapshot.depth.items():
         if state not in metrics.QUEUE_STATES:
             continue
@@ -136,7 +150,9 @@ def fold(snapshot: Snapshot, label: Callable[[str], str]) -> Folded:
         folded_name = labels.get(sub_id)
         if folded_name is not None:
             depth[(folded_name, state)] += n
-    return Folded(depth=depth, oldest_age_seconds=oldest, up=up)
+    return Folded(
+        depth=depth, oldest_age_seconds=oldest, up=up, info=frozenset(info), paused=paused
+    )
 
 
 async def read(conn: Any) -> Snapshot:
@@ -150,7 +166,14 @@ async def read(conn: Any) -> Snapshot:
         if row["state"] in ACTIVE_STATES and row["n"] > 0:
             active.add(row["subscription_id"])
     subscriptions = tuple(
-        Subscription(r["id"], r["up"], r["oldest_age_seconds"])
+        Subscription(
+            r["id"],
+            r["up"],
+            r["oldest_age_seconds"],
+            host=urllib.parse.urlsplit(r["url"]).hostname or "",
+            description=r["description"][: metrics.INFO_DESCRIPTION_CHARS],
+            paused=r["paused"],
+        )
         for r in await conn.fetch(_SUBSCRIPTIONS_SQL, sorted(active))
     )
     backlog = await conn.fetchrow(_BACKLOG_SQL, BACKLOG_EXACT_LIMIT + 1)
@@ -215,6 +238,15 @@ class GaugeLoop:
         )
         self._replace(
             m.subscription_up, "subscription_up", (((name,), v) for name, v in folded.up.items())
+        )
+        # Every subscription, 0 or 1, so "disabled, not paused" can be told apart in PromQL.
+        self._replace(
+            m.subscription_paused,
+            "subscription_paused",
+            (((name,), v) for name, v in folded.paused.items()),
+        )
+        self._replace(
+            m.subscription_info, "subscription_info", ((labels, 1.0) for labels in folded.info)
         )
         for name in folded.up:
             # Counters exist at 0 before their first increment: otherwise increase() misses a
