@@ -125,3 +125,36 @@ def test_cli_reads_the_keys_and_rejects_bad_ones() -> None:
 def test_generated_keys_are_usable() -> None:
     b = box(f"new:{secretbox.generate_key()}")
     assert b.open(b.seal(SECRET)) == SECRET
+
+
+# A ciphertext sealed once, by hand, with AES-GCM under FIXED_KEY and nonce 00..0b: the stored
+# format (prefix, key id, nonce length, AAD) must keep opening it.
+FIXED_KEY = "ZGVmZ2hpamtsbW5vcHFyc3R1dnd4eXp7fH1+f4CBgoM="
+FIXED_SEALED = (
+    "enc:v1:fixed:AAECAwQFBgcICQoL6MNLKd4SqofyZPDl5vbp24djWOhZLqNApGCMfyvG0hNjqsof60/QcZNfg5I="
+)
+
+
+def test_a_known_ciphertext_still_opens() -> None:
+    box = secretbox.SecretBox.from_spec(f"fixed:{FIXED_KEY}")
+    assert box.open(FIXED_SEALED) == "whsec_known-plaintext-secret"
+    assert secretbox.SecretBox.key_id_of(FIXED_SEALED) == "fixed"
+
+
+def test_empty_elements_in_a_key_spec_drop_nothing() -> None:
+    sealed_k2 = secretbox.SecretBox.from_spec(f"k2:{K2}").seal("whsec_x")
+    box = secretbox.SecretBox.from_spec(f",k1:{K1},,k2:{K2},")
+    assert box.current_key_id == "k1"
+    assert box.open(sealed_k2) == "whsec_x"
+
+
+def test_url_safe_and_unpadded_keys_are_the_same_key() -> None:
+    raw = bytes([0xFB, 0xFF, 0xBF] * 10 + [0xFE, 0xFF])  # encodes with + and / (- and _)
+    standard = base64.b64encode(raw).decode()
+    url_safe = base64.urlsafe_b64encode(raw).decode()
+    assert "+" in standard
+    assert "/" in standard
+    assert standard.endswith("=")
+    sealed = secretbox.SecretBox.from_spec(f"k:{standard}").seal("whsec_y")
+    for spelling in (url_safe, url_safe.rstrip("="), standard.rstrip("=")):
+        assert secretbox.SecretBox.from_spec(f"k:{spelling}").open(sealed) == "whsec_y"

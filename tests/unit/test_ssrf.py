@@ -426,3 +426,46 @@ def test_is_blocked_error_walks_causes() -> None:
     cyclic.__context__ = unrelated
     assert not ssrf.is_blocked_error(unrelated)
     assert not ssrf.is_blocked_error(aiohttp.InvalidUrlClientError("2130706433"))
+
+
+# One address inside every blocked range, with the reason the block must name: removing a
+# row of the table (192.88.99.0/24, 3fff::/20, ...) must fail here.
+EVERY_BLOCKED_RANGE = [
+    ("0.1.2.3", "this network"),
+    ("10.1.2.3", "RFC 1918"),
+    ("100.100.1.1", "carrier-grade NAT"),
+    ("127.8.8.8", "loopback"),
+    ("169.254.1.1", "link-local"),
+    ("172.20.1.1", "RFC 1918"),
+    ("192.0.0.9", "IETF protocol"),
+    ("192.0.2.77", "TEST-NET-1"),
+    ("192.88.99.7", "6to4 relay"),
+    ("192.168.7.7", "RFC 1918"),
+    ("198.19.0.1", "benchmarking"),
+    ("198.51.100.7", "TEST-NET-2"),
+    ("203.0.113.7", "TEST-NET-3"),
+    ("239.1.1.1", "multicast"),
+    ("250.1.1.1", "reserved"),
+    ("::", "unspecified"),
+    ("::1", "loopback"),
+    ("64:ff9b:1::7", "local-use NAT64"),
+    ("100::7", "discard-only"),
+    ("2001:0:1::7", "Teredo"),
+    ("2001:2::7", "benchmarking"),
+    ("2001:1f::7", "ORCHID"),
+    ("2001:db8::7", "documentation"),
+    ("3fff:1::7", "documentation"),
+    ("fd12::7", "unique local"),
+    ("fe80::7", "link-local"),
+    ("fec0::7", "site-local"),
+    ("ff05::7", "multicast"),
+]
+
+
+@pytest.mark.parametrize(("address", "reason"), EVERY_BLOCKED_RANGE)
+def test_one_address_of_every_blocked_range_is_blocked_for_its_reason(
+    address: str, reason: str
+) -> None:
+    found = ssrf.AddressPolicy().block_reason(ipaddress.ip_address(address))
+    assert found is not None, address
+    assert reason in found, (address, found)
