@@ -108,3 +108,33 @@ async def test_concurrent_duplicates_across_two_processes(
         for proc in (a, b):
             proc.terminate()
             proc.wait(10)
+
+
+async def test_postgres_store_in_progress_lease_and_takeover(pool: Any) -> None:
+    store = receiver.PostgresIdempotencyStore(pool, table="lease_receipts", processing_seconds=0.2)
+    await store.ensure_table()
+    assert await store.begin("msg_1") is receiver.Claim.NEW
+    assert await store.begin("msg_1") is receiver.Claim.IN_PROGRESS
+
+    # The holder died: once its lease ran out, the id is taken over (exactly once).
+    async def taken_over() -> bool:
+        return await store.begin("msg_1") is receiver.Claim.NEW
+
+    await support.wait_for(taken_over, timeout=5, message="lease expiry")
+    assert await store.begin("msg_1") is receiver.Claim.IN_PROGRESS
+    await store.finish("msg_1")
+    assert await store.begin("msg_1") is receiver.Claim.DONE
+    results = await asyncio.gather(*(store.begin("msg_2") for _ in range(8)))
+    assert sorted(r.value for r in results) == ["in_progress"] * 7 + ["new"]
+
+
+async def test_rows_of_an_older_table_read_as_done(pool: Any) -> None:
+    await pool.execute(
+        "CREATE TABLE old_receipts (webhook_id text PRIMARY KEY,"
+        " received_at timestamptz NOT NULL DEFAULT now())"
+    )
+    await pool.execute("INSERT INTO old_receipts (webhook_id) VALUES ('msg_old')")
+    store = receiver.PostgresIdempotencyStore(pool, table="old_receipts")
+    await store.ensure_table()
+    assert await store.begin("msg_old") is receiver.Claim.DONE
+    assert await store.begin("msg_new") is receiver.Claim.NEW
