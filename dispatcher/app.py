@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 from typing import Any
 
+import aiohttp.abc
 import prometheus_client as prom
 import structlog
 from aiohttp import web
@@ -46,8 +47,11 @@ class Dispatcher:
         settings: config.Settings,
         *,
         registry: prom.CollectorRegistry | None = None,
+        url_resolver: aiohttp.abc.AbstractResolver | None = None,
     ) -> None:
         self.settings = settings
+        # Resolves a new subscription URL's host for the early check (system DNS when None).
+        self.url_resolver = url_resolver
         self.registry = registry or prom.CollectorRegistry()
         self.metrics = metrics.Metrics(
             self.registry, max_subscriptions=settings.metrics_max_subscriptions, version=__version__
@@ -84,7 +88,7 @@ class Dispatcher:
         self.health = admin.Health(repo.ping)
         signers = signing.SignerRegistry.load()
         management_api = api.build(
-            management.Management(self.pool, repo, policy=self.policy),
+            management.Management(self.pool, repo, policy=self.policy, resolver=self.url_resolver),
             token=s.admin_token,
             policy=self.policy,
             signers=signers,

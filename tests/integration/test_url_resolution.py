@@ -9,6 +9,7 @@ import asyncio
 import uuid
 from typing import Any
 
+import aiohttp
 import aiohttp.resolver
 import pytest
 import structlog
@@ -16,9 +17,7 @@ import structlog
 from dispatcher import cli, ssrf
 from dispatcher.db import management
 from tests import support
-from tests.integration.api_support import Client, api, problem
-
-__all__ = ["api"]
+from tests.integration.api_support import TOKEN, Client, problem
 
 NAMES = {
     "internal.example.test": ["10.0.0.7", "169.254.169.254"],
@@ -62,8 +61,14 @@ async def test_management_refuses_a_name_that_resolves_only_to_blocked_addresses
 
 
 async def test_admin_api_answers_400_for_a_blocked_name(
-    api: Client, dns: support.StaticResolver, pool: Any
+    start_dispatcher: Any, dns: support.StaticResolver
 ) -> None:
+    running = await start_dispatcher(admin_token=TOKEN, url_resolver=dns)
+    async with aiohttp.ClientSession() as session:
+        await _api_checks(Client(session, f"http://127.0.0.1:{running.dispatcher.bound_port}/v1"))
+
+
+async def _api_checks(api: Client) -> None:
     reply = await api.post("/subscriptions", _spec("http://internal.example.test/hook"))
     problem(reply, 400, "blocked_url", "url")
     assert "169.254.169.254" in reply.body["detail"] or "10.0.0.7" in reply.body["detail"]
