@@ -1,5 +1,6 @@
 """Score a ``mutmut run`` per module: killed / (mutants the unit tests reach), with mutants that
-only change error-message text left out (a reworded message is not a behaviour change).
+only change message text left out: an exception's message or a log line's arguments (a
+reworded message is not a behaviour change).
 
 Usage (after ``mutmut run``, as ``make mutate`` does): ``python -m tests.mutation_score backoff
 ssrf signing receiver secretbox``. Reads mutmut's result files under ``mutants/``; exits 1
@@ -46,14 +47,7 @@ def _message_strings(node: ast.AST) -> set[int]:
     statement, or inside a call of a name ending in ``Error``."""
     found: set[int] = set()
     for sub in ast.walk(node):
-        inside: ast.AST | None = None
-        if isinstance(sub, ast.Raise):
-            inside = sub
-        elif isinstance(sub, ast.Call):
-            func = sub.func
-            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
-            if name.endswith(("Error", "Exception")):
-                inside = sub
+        inside = sub if isinstance(sub, ast.Raise) or _is_error_call(sub) else None
         if inside is not None:
             found.update(
                 id(c)
@@ -63,13 +57,49 @@ def _message_strings(node: ast.AST) -> set[int]:
     return found
 
 
+def _is_error_call(node: ast.AST) -> bool:
+    if not isinstance(node, ast.Call):
+        return False
+    func = node.func
+    name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+    return str(name).endswith(("Error", "Exception"))
+
+
+_LOG_LEVELS = frozenset({"debug", "info", "warning", "error", "exception", "critical"})
+
+
+def _is_log_call(node: ast.AST) -> bool:
+    """``log.info(...)``, ``_log.exception(...)``: what a log line says is message text too."""
+    if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+        return False
+    owner = node.func.value
+    return node.func.attr in _LOG_LEVELS and "log" in getattr(owner, "id", "").lower()
+
+
 def _blanked(function: ast.AST) -> str:
-    """The function's AST with message strings emptied (and its name, which differs anyway)."""
+    """The function's AST with message text emptied (and its name, which differs anyway): the
+    string constants of a ``raise``, and an exception's text argument (a string, an f-string,
+    or the ``None`` a mutant puts in its place)."""
     messages = _message_strings(function)
     for node in ast.walk(function):
         if id(node) in messages:
             assert isinstance(node, ast.Constant)
             node.value = ""
+        if _is_log_call(node):
+            assert isinstance(node, ast.Call)
+            node.args, node.keywords = [], []
+        if _is_error_call(node):
+            assert isinstance(node, ast.Call)
+            node.args = [
+                ast.Constant("")
+                if isinstance(arg, ast.JoinedStr)
+                or (
+                    isinstance(arg, ast.Constant)
+                    and (arg.value is None or isinstance(arg.value, str))
+                )
+                else arg
+                for arg in node.args
+            ]
     if isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef):
         function.name = ""
     return ast.dump(function)

@@ -603,3 +603,144 @@ async def test_handler_failure_answers_500_with_a_problem_body(
         "error": "processing_failed",
         "detail": "the receiver could not process the event",
     }
+
+
+def test_every_secret_must_be_a_non_empty_string() -> None:
+    for bad in (["", NEW], [NEW, ""]):
+        with pytest.raises(ValueError, match="secret"):
+            receiver.Verifier(bad)
+
+
+def test_a_stray_character_in_a_signature_is_not_skipped() -> None:
+    headers = dispatcher_headers(header_name=None)
+    encoded = headers["webhook-signature"].removeprefix("v1,")
+    headers["webhook-signature"] = f"v1,{encoded[:10]}!{encoded[10:]}"
+    with pytest.raises(receiver.InvalidSignatureError):
+        receiver.verify_standard(NEW, headers, BODY, now=NOW)
+
+
+def test_memory_store_bounds_at_their_edges() -> None:
+    receiver.MemoryIdempotencyStore(max_entries=1, ttl_seconds=0.5)
+    with pytest.raises(ValueError, match="max_entries"):
+        receiver.MemoryIdempotencyStore(max_entries=0)
+    with pytest.raises(ValueError, match="ttl_seconds"):
+        receiver.MemoryIdempotencyStore(ttl_seconds=0)
+
+
+async def test_forgetting_an_unknown_id_is_harmless() -> None:
+    store = receiver.MemoryIdempotencyStore()
+    await store.forget("never-seen")
+    assert await store.begin("never-seen") is receiver.Claim.NEW
+
+
+def test_postgres_store_settings() -> None:
+    # No database needed to check what the constructor keeps (tests/integration uses it).
+    store = receiver.PostgresIdempotencyStore(None, processing_seconds=0.5)  # type: ignore[arg-type]
+    assert (store.table, store.processing_seconds) == ("webhook_receipts", 0.5)
+    with pytest.raises(ValueError, match="processing_seconds"):
+        receiver.PostgresIdempotencyStore(None, processing_seconds=0)  # type: ignore[arg-type]
+
+
+async def test_handler_bodies_for_bad_input(make_client: ClientFactory) -> None:
+    async def never(payload: dict[str, Any], headers: Mapping[str, str]) -> None:
+        raise AssertionError("must not be called")
+
+    client = await make_client(_handler_app(never))
+    resp = await client.post(
+        "/hook", data=b"not json", headers=fresh(b"not json", header_name=None)
+    )
+    assert (resp.status, await resp.json()) == (
+        400,
+        {"error": "malformed_json", "detail": "body is not valid JSON"},
+    )
+    resp = await client.post("/hook", data=b"[1]", headers=fresh(b"[1]", header_name=None))
+    assert (resp.status, await resp.json()) == (
+        400,
+        {"error": "malformed_json", "detail": "body is not a JSON object"},
+    )
+    resp = await client.post("/hook", data=BODY, headers={"content-type": "application/json"})
+    body = await resp.json()
+    assert (resp.status, body["error"]) == (401, "missing_header")
+    assert isinstance(body["detail"], str)
+    assert body["detail"]
+
+
+class _SharedStore:
+    """A store that another process also writes to: it says what is in progress there."""
+
+    def __init__(self, running_elsewhere: set[str]) -> None:
+        self.running_elsewhere = running_elsewhere
+        self.done: set[str] = set()
+
+    async def begin(self, webhook_id: str) -> receiver.Claim:
+        if webhook_id in self.running_elsewhere:
+            return receiver.Claim.IN_PROGRESS
+        return receiver.Claim.DONE if webhook_id in self.done else receiver.Claim.NEW
+
+    async def finish(self, webhook_id: str) -> None:
+        self.done.add(webhook_id)
+
+    async def seen_or_remember(self, webhook_id: str) -> bool:
+        raise AssertionError("a store with begin() is asked through begin()")
+
+    async def forget(self, webhook_id: str) -> None:
+        self.done.discard(webhook_id)
+
+
+class _OldStore:
+    """A custom store written against the older protocol: seen_or_remember and forget only."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+
+    async def seen_or_remember(self, webhook_id: str) -> bool:
+        seen = webhook_id in self.seen
+        self.seen.add(webhook_id)
+        return seen
+
+    async def forget(self, webhook_id: str) -> None:
+        self.seen.discard(webhook_id)
+
+
+async def test_handler_lets_a_shared_store_decide(make_client: ClientFactory) -> None:
+    processed: list[str] = []
+
+    async def record(payload: dict[str, Any], headers: Mapping[str, str]) -> None:
+        processed.append(headers["webhook-id"])
+
+    store = _SharedStore({"msg_busy"})
+    app = web.Application()
+    app.router.add_post("/hook", receiver.webhook_handler(receiver.Verifier(NEW), store, record))
+    client = await make_client(app)
+    busy = await client.post("/hook", data=BODY, headers=fresh(msg_id="msg_busy", header_name=None))
+    assert (busy.status, await busy.json()) == (503, {"status": "in_progress"})
+    assert busy.headers["Retry-After"] == "1"
+    for expected in ({"status": "ok"}, {"status": "duplicate"}):
+        resp = await client.post(
+            "/hook", data=BODY, headers=fresh(msg_id="msg_x", header_name=None)
+        )
+        assert await resp.json() == expected
+    assert processed == ["msg_x"]
+    assert store.done == {"msg_x"}
+
+
+async def test_handler_still_works_with_an_older_store(make_client: ClientFactory) -> None:
+    calls = 0
+
+    async def flaky(payload: dict[str, Any], headers: Mapping[str, str]) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("first try fails")
+
+    app = web.Application()
+    app.router.add_post(
+        "/hook", receiver.webhook_handler(receiver.Verifier(NEW), _OldStore(), flaky)
+    )
+    client = await make_client(app)
+    headers = fresh(header_name=None)
+    statuses = [(await client.post("/hook", data=BODY, headers=headers)).status for _ in range(3)]
+    assert statuses == [500, 200, 200]
+    resp = await client.post("/hook", data=BODY, headers=headers)
+    assert await resp.json() == {"status": "duplicate"}
+    assert calls == 2

@@ -87,6 +87,13 @@ def test_the_cache_returns_the_same_plaintext_and_stays_bounded(
     for _ in range(2):
         assert [b.open(s) for s in sealed] == [f"{SECRET}{i}" for i in range(5)]
     assert len(b._cache) <= 3
+    # Exactly full: the next new entry empties the cache first, so it never exceeds the bound.
+    fresh = box(f"k1:{K1}")
+    for s in sealed[:3]:
+        fresh.open(s)
+    assert len(fresh._cache) == 3
+    fresh.open(sealed[3])
+    assert list(fresh._cache) == [sealed[3]]
 
 
 @pytest.mark.parametrize(
@@ -98,6 +105,9 @@ def test_the_cache_returns_the_same_plaintext_and_stays_bounded(
         f"k1:{K1},k1:{K2}",  # duplicate id
         f"bad id:{K1}",
         "k1:!!!notbase64!!!",
+        f":{K1}",  # empty key id
+        f"k1:{K1[:20]}!{K1[20:]}",  # a stray character is refused, not skipped
+        f"k1:{K1[:20]} {K1[20:]}",
     ],
 )
 def test_bad_key_specs_are_refused_without_echoing_the_key(spec: str) -> None:
@@ -158,3 +168,11 @@ def test_url_safe_and_unpadded_keys_are_the_same_key() -> None:
     sealed = secretbox.SecretBox.from_spec(f"k:{standard}").seal("whsec_y")
     for spelling in (url_safe, url_safe.rstrip("="), standard.rstrip("=")):
         assert secretbox.SecretBox.from_spec(f"k:{spelling}").open(sealed) == "whsec_y"
+
+
+def test_a_stray_character_in_a_stored_secret_fails_authentication() -> None:
+    b = box(f"k1:{K1}")
+    sealed = b.seal(SECRET)
+    head, payload = sealed.rsplit(":", 1)
+    with pytest.raises(secretbox.SecretBoxError, match="failed authentication"):
+        b.open(f"{head}:{payload[:10]}!{payload[10:]}")

@@ -158,3 +158,16 @@ def test_one_rule_for_what_a_secret_signs() -> None:
         signing.SigningInput("m", 1, b"{}", ("plain-text-secret-for-hmac", whsec), "X-Sig")
     )
     assert mixed["webhook-signature"].count("v1,") == 1
+
+
+def test_lenient_base64_is_not_a_standard_secret() -> None:
+    with pytest.raises(signing.SigningError, match="base64"):
+        signing.secret_key_bytes("whsec_QUJD RA==")
+    with pytest.raises(signing.SigningError, match="base64"):
+        signing.secret_key_bytes("whsec_QUJD!RA==")
+
+
+def test_registry_keeps_the_signers_it_is_given() -> None:
+    signer = body_hmac.BodyHmacSigner()
+    assert signing.SignerRegistry({"mine": signer}).get("mine") is signer
+    assert {"standard-webhooks", "body-hmac"} <= set(signing.SignerRegistry.load().names())
