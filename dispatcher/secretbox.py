@@ -48,9 +48,7 @@ def _decode_key(key_id: str, text: str) -> bytes:
     # character instead of silently dropping it (which would make a different key).
     stripped = text.strip()
     try:
-        raw = base64.b64decode(
-            stripped + "=" * (-len(stripped) % 4), altchars=b"-_", validate=True
-        )
+        raw = base64.b64decode(stripped + "=" * (-len(stripped) % 4), altchars=b"-_", validate=True)
     except (binascii.Error, ValueError):
         raise SecretBoxError(f"key {key_id!r} is not valid base64") from None
     if len(raw) != KEY_BYTES:
