@@ -33,8 +33,8 @@ RESERVED_HEADERS = frozenset(
 )
 # What HTTP/1.1 allows in a field name (a token) and value (visible ASCII, space, tab and
 # obs-text); aiohttp refuses the rest when the request is written.
-_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-_HEADER_VALUE = re.compile(r"^[\t\x20-\x7e\x80-\U0010ffff]*$")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_HEADER_VALUE = re.compile(r"[\t\x20-\x7e\x80-\U0010ffff]*")
 
 
 class UnsendableError(Exception):
@@ -43,9 +43,10 @@ class UnsendableError(Exception):
 
 def header_problem(name: str, value: str) -> str | None:
     """Why HTTP would refuse this header, or None. Names the header, never its value."""
-    if not _HEADER_NAME.match(name):
+    # fullmatch: "$" would let a trailing newline through.
+    if not _HEADER_NAME.fullmatch(name):
         return f"header name {name[:64]!r} is not an HTTP token"
-    if not _HEADER_VALUE.match(value):
+    if not _HEADER_VALUE.fullmatch(value):
         return f"header {name!r} has a control character in its value"
     return None
 
