@@ -36,11 +36,12 @@ or the environment, or log: callers decide how a block is reported and classifie
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import ipaddress
 import socket
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 import aiohttp.abc
 import aiohttp.resolver
@@ -372,6 +373,34 @@ async def check_url_resolved(
     if parse_ip_literal(host) is not None:
         return
     await GuardedResolver(policy, resolver).resolve(host, port, socket.AF_UNSPEC)
+
+
+# Resolving a new URL's host is early feedback, not the defence (the connector judges every
+# connection): a lookup that hangs or fails lets the URL through rather than blocking a create.
+RESOLVE_TIMEOUT_SECONDS = 5.0
+
+
+def resolving_check(
+    policy: AddressPolicy, resolver: aiohttp.abc.AbstractResolver | None = None
+) -> Callable[[str], Awaitable[str | None]]:
+    """The management layer's URL check: why a URL's host is refused (every address it has is
+    blocked), or None. ``resolver`` is for tests; the system one otherwise."""
+
+    async def check(url: str) -> str | None:
+        inner = resolver or aiohttp.resolver.DefaultResolver()
+        try:
+            async with asyncio.timeout(RESOLVE_TIMEOUT_SECONDS):
+                await check_url_resolved(url, policy, inner)
+        except BlockedAddressError as exc:
+            return str(exc)
+        except (OSError, TimeoutError):
+            pass  # not resolvable now; every connection is judged again when it is made
+        finally:
+            if resolver is None:
+                await inner.close()
+        return None
+
+    return check
 
 
 def check_request_host(url: yarl.URL | str, policy: AddressPolicy) -> None:

@@ -1,6 +1,6 @@
 """SQL for the management operations the admin API and the CLI share (one implementation).
 
-Takes values that are already validated (``dispatcher.api`` validates) and returns plain
+Takes values that are already validated (``dispatcher.validation`` validates) and returns plain
 dicts in the shape the API serves. Unknown ids raise ``NotFound``; operations that do not
 fit the current state raise ``Conflict``. The delivery-core SQL and the basic subscription
 statements stay in ``repository``; this module reuses them. No HTTP, no argument parsing,
@@ -13,29 +13,37 @@ meanwhile. The caller encodes the returned key as an opaque cursor.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import datetime
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-import aiohttp.abc
-import aiohttp.resolver
 import orjson
 
-from dispatcher import producer, secretbox, signing, ssrf
-from dispatcher.db import repository
+from dispatcher import model, secretbox, signing, validation
+from dispatcher.db import outbox, repository
 
 TEST_EVENT_TYPE = "dispatcher.test"
-# Resolving a new URL's host is early feedback, not the defence (the connector judges every
-# connection): a lookup that hangs or fails lets the URL through rather than blocking a create.
-RESOLVE_TIMEOUT_SECONDS = 5.0
+# Resolves a new or changed URL's host: the reason every address it has is blocked, or None.
+# Built at the composition root (``ssrf.resolving_check``) because the resolver is the HTTP
+# stack's, which this layer must not load.
+UrlCheck = Callable[[str], Awaitable[str | None]]
 # Deliveries a manual retry may requeue; in_flight is on the wire and parked waits for its
 # subscription to be enabled again.
-RETRYABLE_STATES = ("pending", "retrying", "dead", "delivered", "cancelled")
-CANCELLABLE_STATES = ("pending", "retrying", "parked")
+RETRYABLE_STATES = (
+    model.DeliveryState.PENDING,
+    model.DeliveryState.RETRYING,
+    model.DeliveryState.DEAD,
+    model.DeliveryState.DELIVERED,
+    model.DeliveryState.CANCELLED,
+)
+CANCELLABLE_STATES = (
+    model.DeliveryState.PENDING,
+    model.DeliveryState.RETRYING,
+    model.DeliveryState.PARKED,
+)
 
 
 class ManagementError(Exception):
@@ -56,16 +64,6 @@ class NotFound(ManagementError):
 
 class Conflict(ManagementError):
     code = "conflict"
-
-
-class Refused(ManagementError):
-    """A well-formed request for something the rules forbid (a URL whose host resolves only
-    to blocked addresses, a secret its signature scheme cannot use); ``field`` names the
-    input. Answered like a validation error."""
-
-    def __init__(self, detail: str, *, field: str, code: str) -> None:
-        super().__init__(detail, code=code)
-        self.field = field
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -158,7 +156,7 @@ def delivery_dict(row: Any) -> dict[str, Any]:
         "state": row["state"],
         "attempts": row["attempt"],
         "next_attempt_at": _iso(row["next_attempt_at"])
-        if row["state"] in ("pending", "retrying")
+        if row["state"] in (model.DeliveryState.PENDING, model.DeliveryState.RETRYING)
         else None,
         "last_status": row["last_status"],
         "last_error": row["last_error"],
@@ -209,37 +207,26 @@ class Management:
         pool: Any,
         repo: repository.Repository | None = None,
         *,
-        policy: ssrf.AddressPolicy | None = None,
-        resolver: aiohttp.abc.AbstractResolver | None = None,
+        check_url: UrlCheck | None = None,
     ) -> None:
         self.pool = pool
         self.repo = repo or repository.Repository(pool)
-        # With a policy, a new or changed URL's host is resolved and refused when every
-        # address it has is blocked (``resolver`` is for tests; the system one otherwise).
-        self._policy = policy
-        self._resolver = resolver
+        # Without one (tools and tests that only read) a URL is judged by its text alone.
+        self._check_url = check_url
 
     async def _check_resolved(self, url: str) -> None:
-        if self._policy is None:
+        if self._check_url is None:
             return
-        inner = self._resolver or aiohttp.resolver.DefaultResolver()
-        try:
-            async with asyncio.timeout(RESOLVE_TIMEOUT_SECONDS):
-                await ssrf.check_url_resolved(url, self._policy, inner)
-        except ssrf.BlockedAddressError as exc:
-            raise Refused(str(exc), field="url", code="blocked_url") from None
-        except (OSError, TimeoutError):
-            pass  # not resolvable now; every connection is judged again when it is made
-        finally:
-            if self._resolver is None:
-                await inner.close()
+        reason = await self._check_url(url)
+        if reason is not None:
+            raise validation.ValidationError("blocked_url", "url", reason)
 
     @staticmethod
     def _check_scheme(secret: str, signature_header: str | None, field: str) -> None:
         try:
             signing.check_secret_scheme(secret, signature_header)
         except signing.SigningError as exc:
-            raise Refused(str(exc), field=field, code="invalid_secret") from None
+            raise validation.ValidationError("invalid_secret", field, str(exc)) from None
 
     # -- subscriptions ---------------------------------------------------------------------
 
@@ -432,8 +419,13 @@ class Management:
                     f"subscription {subscription_id} is disabled; enable it first",
                     code="subscription_disabled",
                 )
-            event_id = await producer.publish(
-                conn, TEST_EVENT_TYPE, dict(payload), subscription_id=subscription_id
+            event_id = await outbox.insert(
+                conn,
+                TEST_EVENT_TYPE,
+                orjson.dumps(dict(payload)).decode(),
+                subscription_id=subscription_id,
+                ordering_key=None,
+                event_id=None,
             )
         return {"event_id": event_id, "event_type": TEST_EVENT_TYPE}
 
@@ -510,7 +502,7 @@ class Management:
             )
             if row is None:
                 raise NotFound(f"delivery {delivery_id} does not exist")
-            if not row["enabled"] or row["state"] == "parked":
+            if not row["enabled"] or row["state"] == model.DeliveryState.PARKED:
                 raise Conflict(
                     "the delivery's subscription is disabled; enable it first",
                     code="subscription_disabled",
@@ -602,7 +594,7 @@ class Management:
             RETURNING id
             """,
             delivery_id,
-            list(CANCELLABLE_STATES),
+            [state.value for state in CANCELLABLE_STATES],
         )
         if updated is None:
             state = await self.pool.fetchval(

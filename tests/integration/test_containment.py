@@ -16,7 +16,7 @@ import prometheus_client
 import pytest
 
 import dispatcher
-from dispatcher import secretbox, signing
+from dispatcher import ports, secretbox, signing
 from dispatcher.db import repository
 from tests import support
 
@@ -83,7 +83,7 @@ async def test_foreign_key_secret_parks_its_deliveries_and_the_process_stays_up(
     good = await _subscribe(pool, good_rx.url, k1)
     foreign = await _subscribe(pool, foreign_rx.url, k2)
     await _publish(pool, 5)
-    port = support.free_port()
+    port = ports.free_port()
     log = tmp_path / "run.log"
     proc = support.spawn_dispatcher(
         dsn,

@@ -140,7 +140,8 @@ async def test_plain_secret_without_a_signature_header_is_refused_everywhere(
     finally:
         structlog.reset_defaults()  # main() pointed logging at the captured stream
     assert code == 2, err
-    assert err.startswith("dispatcher: error: --secret:")
+    assert err.startswith("dispatcher: error: secret:")
+    assert "[invalid_secret]" in err
     assert err.count("\n") == 1
     assert PLAIN not in err
     assert await pool.fetchval("SELECT count(*) FROM webhook_subscriptions") == 2

@@ -14,7 +14,7 @@ import aiohttp.resolver
 import pytest
 import structlog
 
-from dispatcher import cli, ssrf
+from dispatcher import cli, ssrf, validation
 from dispatcher.db import management
 from tests import support
 from tests.integration.api_support import TOKEN, Client, problem
@@ -39,12 +39,11 @@ def _spec(url: str) -> dict[str, Any]:
 async def test_management_refuses_a_name_that_resolves_only_to_blocked_addresses(
     pool: Any, dns: support.StaticResolver
 ) -> None:
-    m = management.Management(
-        pool, policy=ssrf.AddressPolicy.from_strings(["127.0.0.1/32"]), resolver=dns
-    )
-    with pytest.raises(management.Refused) as info:
+    policy = ssrf.AddressPolicy.from_strings(["127.0.0.1/32"])
+    m = management.Management(pool, check_url=ssrf.resolving_check(policy, dns))
+    with pytest.raises(validation.ValidationError) as info:
         await m.create_subscription(_spec("http://internal.example.test/hook"))
-    assert info.value.field == "url"
+    assert (info.value.code, info.value.field) == ("blocked_url", "url")
     assert "10.0.0.7" in info.value.detail
     assert await pool.fetchval("SELECT count(*) FROM webhook_subscriptions") == 0
     mixed = await m.create_subscription(_spec("http://mixed.example.test/hook"))
@@ -53,7 +52,7 @@ async def test_management_refuses_a_name_that_resolves_only_to_blocked_addresses
         "http://mixed.example.test/hook",
         "http://nowhere.example.test/hook",
     }
-    with pytest.raises(management.Refused):
+    with pytest.raises(validation.ValidationError):
         await m.update_subscription(
             uuid.UUID(mixed["id"]), {"url": "http://internal.example.test/x"}
         )
@@ -99,6 +98,6 @@ async def test_cli_add_refuses_a_blocked_name_in_one_line(
         structlog.reset_defaults()  # main() pointed logging at the captured stream
     assert code == 2, err
     assert err.count("\n") == 1
-    assert err.startswith("dispatcher: error: --url:")
-    assert "blocked" in err
+    assert err.startswith("dispatcher: error: url:")
+    assert "[blocked_url]" in err
     assert await pool.fetchval("SELECT count(*) FROM webhook_subscriptions") == 0
