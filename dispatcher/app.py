@@ -23,6 +23,7 @@ from dispatcher import (
     config,
     endpoint_health,
     gauges,
+    logs,
     metrics,
     retention,
     router,
@@ -167,7 +168,7 @@ class Dispatcher:
         try:
             await gauge_loop.refresh()
         except db_pool.ERRORS as exc:
-            log.warning("gauge_refresh_failed", error=f"{type(exc).__name__}: {exc}")
+            log.warning("gauge_refresh_failed", error=logs.error_text(exc))
         background_stop = asyncio.Event()
         acks = asyncio.create_task(work.acks.run(), name="acks")
         loops = [

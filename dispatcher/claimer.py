@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import asyncpg
 import structlog
 
-from dispatcher import backoff, config, limiter, metrics, model, sender
+from dispatcher import backoff, config, limiter, logs, metrics, model, sender
 from dispatcher.db import pool as db_pool
 from dispatcher.db import repository
 
@@ -141,7 +141,7 @@ class AckWriter:
                     log.error(
                         "ack_rejected",
                         delivery_id=acks[0].delivery_id,
-                        error=f"{type(exc).__name__}: {exc}",
+                        error=logs.error_text(exc),
                     )
                     return
                 half = len(acks) // 2
@@ -151,7 +151,7 @@ class AckWriter:
             except db_pool.ERRORS as exc:
                 log.warning(
                     "ack_write_failed",
-                    error=f"{type(exc).__name__}: {exc}",
+                    error=logs.error_text(exc),
                     results=len(acks),
                     retry_in=delay,
                 )
@@ -288,7 +288,7 @@ class Claimer:
                 jobs = await self._repo.claim(s.worker_id, want, s.lease_seconds)
                 db_delay = 0.05
             except db_pool.ERRORS as exc:
-                log.warning("claim_failed", error=f"{type(exc).__name__}: {exc}", retry_in=db_delay)
+                log.warning("claim_failed", error=logs.error_text(exc), retry_in=db_delay)
                 await self._idle(db_delay)
                 db_delay = min(db_delay * 2, 5.0)
                 continue

@@ -34,7 +34,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from dispatcher import config, metrics, model
+from dispatcher import config, logs, metrics, model
 from dispatcher.db import health as db_health
 from dispatcher.db import pool as db_pool
 from dispatcher.db import repository
@@ -189,7 +189,7 @@ class Monitor:
             log.error(
                 "subscription_disable_failed",
                 subscription=job.subscription_id,
-                error=f"{type(exc).__name__}: {exc}",
+                error=logs.error_text(exc),
             )
             self._gone.add(job.subscription_id)
             self._kick.set()
@@ -217,7 +217,7 @@ class Monitor:
                 await self.tick(probes)
                 delay = self._policy.interval_seconds
             except db_pool.ERRORS as exc:
-                log.warning("health_check_failed", error=f"{type(exc).__name__}: {exc}")
+                log.warning("health_check_failed", error=logs.error_text(exc))
                 delay = min(delay * 2, 10.0)
             self._kick.clear()
             waiter = asyncio.ensure_future(self._kick.wait())

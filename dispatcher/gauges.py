@@ -23,7 +23,7 @@ from typing import Any
 
 import structlog
 
-from dispatcher import metrics
+from dispatcher import logs, metrics
 from dispatcher.db import gauges as db_gauges
 from dispatcher.db import pool as db_pool
 
@@ -159,7 +159,7 @@ class GaugeLoop:
                 await self.refresh()
             except db_pool.ERRORS as exc:  # lost or restarted database: count, try again
                 self._metrics.gauge_refresh_errors.inc()
-                log.warning("gauge_refresh_failed", error=f"{type(exc).__name__}: {exc}")
+                log.warning("gauge_refresh_failed", error=logs.error_text(exc))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self._interval)
 

@@ -72,3 +72,21 @@ def configure(*, level: str = "info", fmt: str = "auto", stream: TextIO | None =
         logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
+
+
+def error_text(exc: BaseException) -> str:
+    """An exception as a log field that quotes no data.
+
+    A database error's text carries Postgres's DETAIL ("Failing row contains (...)"), which
+    quotes the row, secrets included, and its message can quote the offending value; for those
+    only the class, SQLSTATE and the names of the constraint, table and column are kept.
+    Anything else is ``Type: message``."""
+    sqlstate = getattr(exc, "sqlstate", None)
+    if not isinstance(sqlstate, str):
+        return f"{type(exc).__name__}: {exc}"
+    names = [
+        f"{attr}={value}"
+        for attr in ("constraint_name", "table_name", "column_name")
+        if isinstance(value := getattr(exc, attr, None), str) and value
+    ]
+    return " ".join([f"{type(exc).__name__} (SQLSTATE {sqlstate})", *names])

@@ -489,6 +489,10 @@ def webhook_handler(
             payload = json.loads(body)
         except ValueError:
             return _error(400, "malformed_json", "body is not valid JSON")
+        except RecursionError:
+            # Nesting deeper than the parser's recursion limit is refused like bad JSON: a
+            # 400 ends the sender's retries, where a 500 would make it try again for days.
+            return _error(400, "malformed_json", "body is nested too deeply")
         if not isinstance(payload, dict):
             return _error(400, "malformed_json", "body is not a JSON object")
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import structlog
 
-from dispatcher import config, metrics
+from dispatcher import config, logs, metrics
 from dispatcher.db import pool as db_pool
 from dispatcher.db import retention as db_retention
 
@@ -61,7 +61,7 @@ class Pruner:
                         batches=got.batches,
                     )
             except db_pool.ERRORS as exc:
-                log.warning("retention_failed", error=f"{type(exc).__name__}: {exc}")
+                log.warning("retention_failed", error=logs.error_text(exc))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), p.interval_seconds)
 

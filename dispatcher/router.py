@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import structlog
 
-from dispatcher import metrics, model
+from dispatcher import logs, metrics, model
 from dispatcher.db import pool as db_pool
 from dispatcher.db import repository
 
@@ -50,7 +50,7 @@ class Router:
                     if stats.events < self._batch:
                         break
             except db_pool.ERRORS as exc:
-                log.warning("route_failed", error=f"{type(exc).__name__}: {exc}")
+                log.warning("route_failed", error=logs.error_text(exc))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._poll)
 
@@ -93,6 +93,6 @@ class Reaper:
                     log.warning("leases_reclaimed", requeued=got.requeued, dead=got.dead)
                     self._on_requeued()
             except db_pool.ERRORS as exc:
-                log.warning("reclaim_failed", error=f"{type(exc).__name__}: {exc}")
+                log.warning("reclaim_failed", error=logs.error_text(exc))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self._interval)

@@ -17,6 +17,7 @@ from typing import Any
 
 import structlog
 
+from dispatcher import logs
 from dispatcher.agent import steps, store
 from dispatcher.db import pool as db_pool
 
@@ -69,7 +70,7 @@ class Runner:
                     await self._claim()
                 except db_pool.ERRORS as exc:
                     # The database is away: the jobs are safe in it; try again next round.
-                    log.warning("agent_claim_failed", error=f"{type(exc).__name__}: {exc}")
+                    log.warning("agent_claim_failed", error=logs.error_text(exc))
                 waiters = {asyncio.ensure_future(self._wake.wait())}
                 waiters.add(asyncio.ensure_future(stop.wait()))
                 await asyncio.wait(
@@ -119,9 +120,7 @@ class Runner:
             # Left unfinished: a later claim round (here or on a replica) resumes it, and
             # ``max_runs`` stops a job that fails this way forever.
             interrupted = True
-            log.warning(
-                "agent_job_interrupted", job_id=job_id, error=f"{type(exc).__name__}: {exc}"
-            )
+            log.warning("agent_job_interrupted", job_id=job_id, error=logs.error_text(exc))
         finally:
             self._running.pop(job_id, None)
             with contextlib.suppress(*db_pool.ERRORS):

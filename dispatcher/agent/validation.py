@@ -113,6 +113,8 @@ def validate_criteria(value: Any) -> dict[str, Any]:
         industry = value["industry"]
         if not isinstance(industry, str):
             raise _invalid("criteria.industry", f"must be a string, got {_type_name(industry)}")
+        # NUL and the like are bad input (422), never left for the database to refuse.
+        validation.text(industry, "criteria.industry", max_length=MAX_INDUSTRY_LENGTH)
         if not industry.strip():
             raise _invalid("criteria.industry", "must not be empty")
         if len(industry) > MAX_INDUSTRY_LENGTH:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from dispatcher import validation
+from dispatcher import logs, validation
 from dispatcher.cli import context
 
 if TYPE_CHECKING:
@@ -58,7 +58,7 @@ def _execute(ctx: context.Context, operation: Operation) -> Any:
         except management.ManagementError as exc:
             raise context.CliError(f"{exc.detail} [{exc.code}]") from None
         except db_pool.ERRORS as exc:
-            raise context.CliError(f"database: {type(exc).__name__}: {exc}") from None
+            raise context.CliError(f"database: {logs.error_text(exc)}") from None
 
 
 def _validated(check: Callable[[], Any]) -> Any:

@@ -13,6 +13,7 @@ from typing import Any
 
 import structlog
 
+from dispatcher import logs
 from dispatcher.db import pool as db_pool
 
 log = structlog.get_logger("dispatcher.listener")
@@ -52,7 +53,7 @@ class Listener:
             except db_pool.ERRORS as exc:
                 # A lost listen connection only costs wake-up latency; polling goes on.
                 self.connected.clear()
-                log.warning("listen_connection_lost", error=f"{type(exc).__name__}: {exc}")
+                log.warning("listen_connection_lost", error=logs.error_text(exc))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), delay)
                 delay = min(delay * 2, self._max_backoff)

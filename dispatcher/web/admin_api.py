@@ -27,7 +27,7 @@ import orjson
 import structlog
 from aiohttp import web
 
-from dispatcher import signing, ssrf, validation
+from dispatcher import logs, signing, ssrf, validation
 from dispatcher.db import management
 from dispatcher.web import openapi
 
@@ -142,9 +142,18 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return problem_response(
             exc.status, f"http_{exc.status}", exc.reason or "error", headers=headers
         )
-    except Exception:
-        # Logged with its traceback and answered as a 500 problem; never a silent pass.
-        log.exception("api_request_failed", method=request.method, path=request.path)
+    except Exception as exc:
+        # Logged and answered as a 500 problem; never a silent pass. A database error is
+        # logged by its names only: its text can quote the row, secrets included.
+        if isinstance(getattr(exc, "sqlstate", None), str):
+            log.error(
+                "api_request_failed",
+                method=request.method,
+                path=request.path,
+                error=logs.error_text(exc),
+            )
+        else:
+            log.exception("api_request_failed", method=request.method, path=request.path)
         return problem_response(500, "internal_error", "the server failed to handle the request")
 
 
@@ -353,10 +362,6 @@ async def _list_unrouted(request: web.Request) -> web.Response:
     return _json(validation.page_body(page.items, page.next_key, "events"))
 
 
-async def _not_found(request: web.Request) -> web.Response:
-    raise web.HTTPNotFound(reason="no such route")
-
-
 # (method, path relative to /v1, handler): the OpenAPI document is checked against this list.
 ROUTES: Final[tuple[tuple[str, str, Handler], ...]] = (
     ("GET", "/openapi.json", _openapi),
@@ -395,6 +400,7 @@ def build(
     app[SIGNERS] = signers
     for method, path, handler in ROUTES:
         app.router.add_route(method, path, handler)
-    # Unknown /v1 paths still go through auth and answer with a problem document.
-    app.router.add_route("*", "/{tail:.*}", _not_found)
+    # No catch-all route: it would answer 404 for a known path with the wrong method. aiohttp's
+    # own 404 and 405 (with Allow) pass through this app's middlewares, so they are problem
+    # documents behind the same auth.
     return app

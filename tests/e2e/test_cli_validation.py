@@ -47,6 +47,8 @@ REFUSED: dict[str, tuple[tuple[str, ...], str]] = {
     "max-in-flight-high": ((*OK_TYPE, "--max-in-flight", "99999"), "max_in_flight"),
     "max-in-flight-zero": ((*OK_TYPE, "--max-in-flight", "0"), "max_in_flight"),
     "header-host": ((*OK_TYPE, "--header", "Host=evil"), "reserved_header"),
+    "header-vertical-tab": ((*OK_TYPE, "--header", "X-Tenant=a\x0bb"), "invalid_header"),
+    "header-delete": ((*OK_TYPE, "--header", "X-Tenant=a\x7fb"), "invalid_header"),
 }
 
 
@@ -88,3 +90,17 @@ async def test_subscriptions_list_refuses_bad_paging(dsn: str) -> None:
     _refused(bad_limit, "limit")
     _refused(bad_cursor, "invalid_cursor")
     _refused(other_cursor, "invalid_cursor")
+
+
+async def test_subscriptions_add_stores_an_upper_case_scheme_lower_case(dsn: str) -> None:
+    added = await _cli(
+        dsn, "subscriptions", "add", "--url", "HTTP://127.0.0.1:9/Hook", "--event-type", "a.b"
+    )
+    assert added.code == 0, added
+    assert "Traceback" not in added.err
+    assert added.json()["url"] == "http://127.0.0.1:9/Hook"
+    sid = added.json()["id"]
+    changed = await _cli(dsn, "subscriptions", "update", sid, "--url", "HTTPS://127.0.0.1:9/x")
+    assert changed.code == 0, changed
+    shown = (await _cli(dsn, "subscriptions", "get", sid, "--json")).json()
+    assert shown["url"] == "https://127.0.0.1:9/x"

@@ -207,6 +207,28 @@ BAD_INPUT: list[tuple[str, Any, int, str, str]] = [
         "criteria.size",
     ),
     ("unknown-top-level-field", good(callback="x"), 422, "unknown_field", "callback"),
+    # NUL cannot be stored; it is bad input (422), not an unavailable database (503).
+    (
+        "industry-nul",
+        good(criteria={"industry": "te\x00ch"}),
+        422,
+        "invalid_value",
+        "criteria.industry",
+    ),
+    (
+        "url-nul",
+        good(webhook_url="http://127.0.0.1:9/a\x00b"),
+        422,
+        "invalid_value",
+        "webhook_url",
+    ),
+    (
+        "email-nul",
+        good(prospects=[{"email": "a\x00@acme.io"}]),
+        422,
+        "invalid_email",
+        "prospects[0].email",
+    ),
 ]
 
 
@@ -218,6 +240,13 @@ async def test_bad_input_is_rejected_and_nothing_is_written(client: Client, pool
         assert (got, answer.get("error"), answer.get("field")) == (status, code, field), name
         assert answer["detail"], name
         assert await counts(pool) == (0, 0, 0), name
+
+
+async def test_upper_case_scheme_is_accepted_lower_case(client: Client, pool: Any) -> None:
+    status, _headers, answer = await client.post(good(webhook_url="HTTP://127.0.0.1:9/Callbacks"))
+    assert status == 202, answer
+    url = await pool.fetchval("SELECT url FROM webhook_subscriptions")
+    assert url == "http://127.0.0.1:9/Callbacks"
 
 
 async def test_malformed_json_is_400(client: Client, pool: Any) -> None:

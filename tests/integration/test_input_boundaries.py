@@ -105,7 +105,9 @@ async def test_subscription_event_cursor_beyond_64_bits_is_400(api: Client) -> N
     ],
 )
 async def test_dates_outside_the_range_are_400(api: Client, value: str) -> None:
-    problem(await api.get("/deliveries", created_after=value), 400, "invalid_value", "created_after")
+    problem(
+        await api.get("/deliveries", created_after=value), 400, "invalid_value", "created_after"
+    )
     sid = (await _create(api))["id"]
     reply = await api.post(f"/subscriptions/{sid}/retry-dead", {"since": value})
     problem(reply, 400, "invalid_value", "since")

@@ -368,3 +368,20 @@ async def test_handler_still_works_with_an_older_store(make_client: ClientFactor
     resp = await client.post("/hook", data=signed.BODY, headers=headers)
     assert await resp.json() == {"status": "duplicate"}
     assert calls == 2
+
+
+@pytest.mark.parametrize("depth", [1000, 100_000])
+async def test_handler_answers_400_to_a_signed_deeply_nested_body(
+    make_client: ClientFactory, depth: int
+) -> None:
+    processed: list[str] = []
+
+    async def record(payload: dict[str, Any], headers: Mapping[str, str]) -> None:
+        processed.append(headers["webhook-id"])
+
+    client = await make_client(_handler_app(record))
+    body = b'{"a":' + b"[" * depth + b"]" * depth + b"}"
+    resp = await client.post("/hook", data=body, headers=fresh(body, msg_id="msg_deep"))
+    assert resp.status == 400, await resp.text()
+    assert (await resp.json())["error"] == "malformed_json"
+    assert processed == []
