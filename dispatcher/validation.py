@@ -12,16 +12,12 @@ layers (they import it).
 
 from __future__ import annotations
 
-import base64
-import binascii
 import datetime
 import math
 import re
 import uuid
 from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING, Any, Final
-
-import orjson
 
 from dispatcher import config, model, signing
 
@@ -56,11 +52,14 @@ MAX_DELIVERY_ID: Final = 2**63 - 1
 MAX_PAYLOAD_DEPTH: Final = 64
 # C0 controls but tab, DEL and C1 controls: refused in header values and event ids, which go
 # out in HTTP headers where any of them makes every attempt fail.
-CONTROL_CHARACTERS: Final = "[\x00-\x08\x0a-\x1f\x7f-\x9f]"
+CONTROL_CHARACTERS: Final = r"[\x00-\x08\x0a-\x1f\x7f-\x9f]"
 # Event ids as producers may write them: no control character at all (tab included).
-EVENT_ID_PATTERN: Final = "^[^\x00-\x1f\x7f-\x9f]{1,200}$"
+EVENT_ID_PATTERN: Final = r"^[^\x00-\x1f\x7f-\x9f]{1,200}$"
 # Strings the API stores: Postgres text cannot hold NUL (the OpenAPI document says so too).
-NO_NUL_PATTERN: Final = "^[^\x00]*$"
+NO_NUL_PATTERN: Final = r"^[^\x00]*$"
+HEADER_VALUE_PATTERN: Final = r"^[^\x00-\x08\x0a-\x1f\x7f-\x9f]*$"
+# A URL the validator may take: http or https in any case (stored lower-case), then a host.
+URL_PATTERN: Final = r"^[Hh][Tt][Tt][Pp][Ss]?://[^/?#@\s\x00]+[^\x00]*$"
 DELIVERY_STATES: Final = tuple(state.value for state in model.DeliveryState)
 # name → (JSON type, minimum, maximum); the override is merged over the configured policy.
 RETRY_POLICY_FIELDS: Final[dict[str, tuple[str, float, float]]] = {
@@ -462,58 +461,55 @@ def page_limit(query: Mapping[str, str]) -> int:
 
 # -- cursors ------------------------------------------------------------------------------------
 
+# A cursor is the key of the last row of a page behind a letter naming its listing, so the
+# OpenAPI document can give its exact pattern and every string that matches it is a usable
+# cursor (a key that points anywhere just starts the page there). Ids stay below 10**18 (a
+# bigint identity would need centuries to get there); subscription keys are (created_at in
+# microseconds since 1970 UTC, id as 32 hex digits).
+_ID_CURSOR_TAGS: Final = {"deliveries": "d", "events": "e", "subscription_events": "h"}
+ID_CURSOR_DIGITS: Final = 18
+SUBSCRIPTION_CURSOR_DIGITS: Final = 17  # microseconds: up to the year 5138
+_EPOCH: Final = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+
+
+def cursor_pattern(kind: str) -> str:
+    """The regular expression every cursor of listing ``kind`` matches (and only those)."""
+    if kind == "subscriptions":
+        return f"^s[0-9]{{1,{SUBSCRIPTION_CURSOR_DIGITS}}}-[0-9a-f]{{32}}$"
+    return f"^{_ID_CURSOR_TAGS[kind]}[0-9]{{1,{ID_CURSOR_DIGITS}}}$"
+
 
 def encode_cursor(kind: str, key: tuple[Any, ...] | None) -> str | None:
     if key is None:
         return None
-    values = [v.isoformat() if isinstance(v, datetime.datetime) else str(v) for v in key]
-    raw = orjson.dumps({"k": kind, "v": values})
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    if kind == "subscriptions":
+        created, sid = key
+        micros = (created - _EPOCH) // datetime.timedelta(microseconds=1)
+        return f"s{max(micros, 0)}-{uuid.UUID(str(sid)).hex}"
+    (last_id,) = key
+    return f"{_ID_CURSOR_TAGS[kind]}{int(last_id)}"
 
 
-def decode_cursor(query: Mapping[str, str], kind: str) -> list[str] | None:
-    text = query.get("cursor")
-    if text is None:
+def _cursor_text(query: Mapping[str, str], kind: str) -> str | None:
+    value = query.get("cursor")
+    if value is None:
         return None
-    try:
-        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-        data = orjson.loads(raw)
-    except (binascii.Error, ValueError):
-        raise invalid("cursor", "is not a cursor this API issued", "invalid_cursor") from None
-    if (
-        not isinstance(data, dict)
-        or data.get("k") != kind
-        or not isinstance(data.get("v"), list)
-        or not all(isinstance(v, str) for v in data["v"])
-    ):
-        raise invalid("cursor", "is not a cursor for this listing", "invalid_cursor")
-    values: list[str] = data["v"]
-    return values
+    if not re.fullmatch(cursor_pattern(kind), value, re.ASCII):
+        raise invalid("cursor", "is not a cursor of this listing", "invalid_cursor")
+    return value
 
 
 def id_cursor(query: Mapping[str, str], kind: str) -> int | None:
-    values = decode_cursor(query, kind)
-    if values is None:
-        return None
-    if (
-        len(values) != 1
-        or not re.fullmatch(r"[0-9]{1,19}", values[0])
-        or int(values[0]) > MAX_DELIVERY_ID
-    ):
-        raise invalid("cursor", "is not a cursor for this listing", "invalid_cursor")
-    return int(values[0])
+    value = _cursor_text(query, kind)
+    return None if value is None else int(value[1:])
 
 
 def subscription_cursor(query: Mapping[str, str]) -> tuple[datetime.datetime, uuid.UUID] | None:
-    values = decode_cursor(query, "subscriptions")
-    if values is None:
+    value = _cursor_text(query, "subscriptions")
+    if value is None:
         return None
-    try:
-        created, sid = values
-        when = _in_range(datetime.datetime.fromisoformat(created), "cursor", "invalid_cursor")
-        return when, uuid.UUID(sid)
-    except ValueError:
-        raise invalid("cursor", "is not a cursor for this listing", "invalid_cursor") from None
+    micros, _, sid = value[1:].partition("-")
+    return _EPOCH + datetime.timedelta(microseconds=int(micros)), uuid.UUID(hex=sid)
 
 
 def page_body(

@@ -100,15 +100,26 @@ def _schemas() -> dict[str, Any]:
     headers = {
         "type": "object",
         "maxProperties": validation.MAX_HEADERS,
-        "additionalProperties": {"type": "string", "maxLength": validation.MAX_HEADER_VALUE_LENGTH},
+        "propertyNames": header_name,
+        "additionalProperties": {
+            "type": "string",
+            "maxLength": validation.MAX_HEADER_VALUE_LENGTH,
+            "pattern": validation.HEADER_VALUE_PATTERN,
+        },
         "description": "Extra request headers sent with every delivery.",
     }
     metadata = {
         "type": "object",
         "maxProperties": validation.MAX_METADATA_KEYS,
+        "propertyNames": {
+            "minLength": 1,
+            "maxLength": validation.MAX_METADATA_KEY_LENGTH,
+            "pattern": validation.NO_NUL_PATTERN,
+        },
         "additionalProperties": {
             "type": "string",
             "maxLength": validation.MAX_METADATA_VALUE_LENGTH,
+            "pattern": validation.NO_NUL_PATTERN,
         },
     }
     writable: dict[str, Any] = {
@@ -116,7 +127,7 @@ def _schemas() -> dict[str, Any]:
             "type": "string",
             "minLength": 1,
             "maxLength": validation.MAX_URL_LENGTH,
-            "pattern": "^https?://[^/?#@\\s]+",
+            "pattern": validation.URL_PATTERN,
         },
         "event_types": {
             "type": "array",
@@ -129,7 +140,12 @@ def _schemas() -> dict[str, Any]:
         "signers": {
             "type": "array",
             "maxItems": validation.MAX_SIGNERS,
-            "items": {"type": "string", "minLength": 1, "maxLength": 100},
+            "items": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": 100,
+                "pattern": validation.NO_NUL_PATTERN,
+            },
         },
         "max_in_flight": {
             "type": "integer",
@@ -144,10 +160,19 @@ def _schemas() -> dict[str, Any]:
             "maximum": validation.MAX_RATE_PER_SECOND,
         },
         "retry_policy": retry_policy,
-        "description": {"type": "string", "maxLength": validation.MAX_DESCRIPTION_LENGTH},
+        "description": {
+            "type": "string",
+            "maxLength": validation.MAX_DESCRIPTION_LENGTH,
+            "pattern": validation.NO_NUL_PATTERN,
+        },
         "metadata": metadata,
     }
-    secret = {"type": "string", "minLength": 16, "maxLength": validation.MAX_SECRET_LENGTH}
+    secret = {
+        "type": "string",
+        "minLength": 16,
+        "maxLength": validation.MAX_SECRET_LENGTH,
+        "pattern": validation.NO_NUL_PATTERN,
+    }
     subscription_props: dict[str, Any] = {
         "id": {"type": "string", "format": "uuid"},
         "url": {"type": "string"},
@@ -237,12 +262,13 @@ def _schemas() -> dict[str, Any]:
             "additionalProperties": not strict,
         }
 
-    def page(item: str) -> dict[str, Any]:
+    def page(item: str, kind: str) -> dict[str, Any]:
         return obj(
             {
                 "items": {"type": "array", "items": _ref(item)},
                 "next_cursor": {
                     "type": "string",
+                    "pattern": validation.cursor_pattern(kind),
                     "nullable": True,
                     "description": "Pass as `cursor` for the next page; null on the last.",
                 },
@@ -277,9 +303,9 @@ def _schemas() -> dict[str, Any]:
         },
         "Subscription": obj(subscription_props),
         "SubscriptionWithSecret": obj({**subscription_props, "secret": {"type": "string"}}),
-        "SubscriptionPage": page("Subscription"),
+        "SubscriptionPage": page("Subscription", "subscriptions"),
         "SubscriptionEvent": obj(subscription_event_props),
-        "SubscriptionEventPage": page("SubscriptionEvent"),
+        "SubscriptionEventPage": page("SubscriptionEvent", "subscription_events"),
         "Disable": {
             "type": "object",
             "additionalProperties": False,
@@ -288,6 +314,7 @@ def _schemas() -> dict[str, Any]:
                     "type": "string",
                     "minLength": 1,
                     "maxLength": validation.MAX_REASON_LENGTH,
+                    "pattern": validation.NO_NUL_PATTERN,
                 }
             },
         },
@@ -307,7 +334,14 @@ def _schemas() -> dict[str, Any]:
         "TestEvent": {
             "type": "object",
             "additionalProperties": False,
-            "properties": {"payload": {"type": "object"}},
+            "properties": {
+                "payload": {
+                    "type": "object",
+                    "propertyNames": {"pattern": validation.NO_NUL_PATTERN},
+                    "description": "Any JSON object whose keys and strings hold no NUL, "
+                    f"nested at most {validation.MAX_PAYLOAD_DEPTH} levels.",
+                }
+            },
         },
         "TestEventResult": obj({"event_id": {"type": "string"}, "event_type": {"type": "string"}}),
         "RetryDead": {
@@ -337,12 +371,12 @@ def _schemas() -> dict[str, Any]:
                 "attempt_log": {"type": "array", "items": _ref("Attempt")},
             }
         ),
-        "DeliveryPage": page("Delivery"),
+        "DeliveryPage": page("Delivery", "deliveries"),
         "Event": obj(event_props),
         "EventDetail": obj(
             {**event_props, "deliveries": {"type": "array", "items": _ref("Delivery")}}
         ),
-        "EventPage": page("Event"),
+        "EventPage": page("Event", "events"),
     }
 
 
@@ -361,7 +395,14 @@ def _paths() -> dict[str, Any]:
         },
         "Page size.",
     )
-    cursor = _query("cursor", {"type": "string"}, "`next_cursor` of the previous page.")
+
+    def cursor(kind: str) -> dict[str, Any]:
+        return _query(
+            "cursor",
+            {"type": "string", "pattern": validation.cursor_pattern(kind)},
+            "`next_cursor` of the previous page.",
+        )
+
     not_found = {"404": _problem("No such subscription")}
     bad = {"400": _problem("Invalid request (see `code` and `field`)")}
     s, d, e = "subscriptions", "deliveries", "events"
@@ -394,7 +435,7 @@ def _paths() -> dict[str, Any]:
                 {"200": _ok("A page of subscriptions", "SubscriptionPage"), **bad},
                 params=[
                     limit,
-                    cursor,
+                    cursor("subscriptions"),
                     _query(
                         "enabled", {"type": "string", "enum": ["true", "false"]}, "Filter by state."
                     ),
@@ -404,6 +445,7 @@ def _paths() -> dict[str, Any]:
                             "type": "string",
                             "minLength": 1,
                             "maxLength": validation.MAX_EVENT_TYPE_LENGTH,
+                            "pattern": validation.NO_NUL_PATTERN,
                         },
                         "Subscriptions listing exactly this event-type pattern.",
                     ),
@@ -480,7 +522,7 @@ def _paths() -> dict[str, Any]:
                     **bad,
                     "404": _problem("No such subscription and no recorded history"),
                 },
-                params=[limit, cursor],
+                params=[limit, cursor("subscription_events")],
                 tag=s,
             ),
         },
@@ -522,7 +564,7 @@ def _paths() -> dict[str, Any]:
                 {"200": _ok("A page of deliveries", "DeliveryPage"), **bad},
                 params=[
                     limit,
-                    cursor,
+                    cursor("deliveries"),
                     _query(
                         "subscription_id",
                         {"type": "string", "format": "uuid"},
@@ -539,6 +581,7 @@ def _paths() -> dict[str, Any]:
                             "type": "string",
                             "minLength": 1,
                             "maxLength": validation.MAX_EVENT_TYPE_LENGTH,
+                            "pattern": validation.NO_NUL_PATTERN,
                         },
                         "Only this exact event type.",
                     ),
@@ -604,7 +647,7 @@ def _paths() -> dict[str, Any]:
                 "listUnroutedEvents",
                 "Events that reached no subscription (unmatched or unknown target), newest first",
                 {"200": _ok("A page of events", "EventPage"), **bad},
-                params=[limit, cursor],
+                params=[limit, cursor("events")],
                 tag=e,
             )
         },

@@ -4,11 +4,9 @@ database."""
 
 from __future__ import annotations
 
-import base64
 from typing import Any
 
 import asyncpg
-import orjson
 import pytest
 
 from tests.integration.api_support import Client, api, problem
@@ -73,25 +71,20 @@ async def test_a_tab_inside_a_header_value_is_allowed(api: Client) -> None:
     assert set(created["headers"]) == {"X-Tenant"}
 
 
-def _cursor(kind: str, *values: str) -> str:
-    raw = orjson.dumps({"k": kind, "v": list(values)})
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
 @pytest.mark.parametrize(
-    ("path", "kind"),
-    [("/deliveries", "deliveries"), ("/unrouted-events", "events")],
+    ("path", "tag"),
+    [("/deliveries", "d"), ("/unrouted-events", "e")],
 )
-async def test_cursor_ids_beyond_64_bits_are_400(api: Client, path: str, kind: str) -> None:
-    for value in ("9999999999999999999", str(2**63)):
-        problem(await api.get(path, cursor=_cursor(kind, value)), 400, "invalid_cursor", "cursor")
+async def test_cursor_ids_beyond_64_bits_are_400(api: Client, path: str, tag: str) -> None:
+    for value in ("9999999999999999999", str(2**63), "9" * 40):
+        problem(await api.get(path, cursor=tag + value), 400, "invalid_cursor", "cursor")
+    # Any id the pattern allows is a place to start a page.
+    assert (await api.get(path, cursor=tag + "9" * 18)).status == 200
 
 
 async def test_subscription_event_cursor_beyond_64_bits_is_400(api: Client) -> None:
     sid = (await _create(api))["id"]
-    reply = await api.get(
-        f"/subscriptions/{sid}/events", cursor=_cursor("subscription_events", str(2**63))
-    )
+    reply = await api.get(f"/subscriptions/{sid}/events", cursor="h" + str(2**63))
     problem(reply, 400, "invalid_cursor", "cursor")
 
 
@@ -113,9 +106,11 @@ async def test_dates_outside_the_range_are_400(api: Client, value: str) -> None:
     problem(reply, 400, "invalid_value", "since")
 
 
-async def test_a_subscription_cursor_with_a_date_out_of_range_is_400(api: Client) -> None:
-    cursor = _cursor("subscriptions", "0001-01-01T00:00:00+14:00", URL)
-    problem(await api.get("/subscriptions", cursor=cursor), 400, "invalid_cursor", "cursor")
+async def test_a_subscription_cursor_beyond_the_date_range_is_400(api: Client) -> None:
+    far = "s" + "9" * 40 + "-" + "0" * 32
+    problem(await api.get("/subscriptions", cursor=far), 400, "invalid_cursor", "cursor")
+    near = "s" + "9" * 17 + "-" + "f" * 32
+    assert (await api.get("/subscriptions", cursor=near)).status == 200
 
 
 async def test_a_deeply_nested_test_payload_is_400(api: Client) -> None:
