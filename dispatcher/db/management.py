@@ -299,7 +299,10 @@ class Management:
         args: list[Any] = [subscription_id]
         for column, value in changes.items():
             cast = _UPDATABLE[column]
-            args.append(orjson.dumps(value).decode() if column in _JSON_COLUMNS else value)
+            if column == "headers":
+                args.append(repository.sealed_headers(self.repo.box, value))
+            else:
+                args.append(orjson.dumps(value).decode() if column in _JSON_COLUMNS else value)
             sets.append(f"{column} = ${len(args)}{cast}")
         if "rate_limit_per_second" in changes:
             # A new limit starts from a full bucket.

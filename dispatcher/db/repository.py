@@ -178,6 +178,21 @@ SUBSCRIPTION_COLUMNS = """
 """
 
 
+# What a read shows for a custom header's value: they often carry credentials for the receiver
+# (Authorization), so like secrets they are stored sealed and never shown again.
+MASKED_HEADER_VALUE = "********"
+
+
+def sealed_headers(box: secretbox.SecretBox, headers: dict[str, str] | None) -> str:
+    """Custom headers as the ``headers`` column stores them: JSON, each value sealed."""
+    return orjson.dumps({name: box.seal(value) for name, value in (headers or {}).items()}).decode()
+
+
+def _open_headers(box: secretbox.SecretBox, stored: str) -> dict[str, str]:
+    # Rows from before values were sealed hold them in clear; open() passes those through.
+    return {name: box.open(value) for name, value in orjson.loads(stored).items()}
+
+
 def _job(row: Any, box: secretbox.SecretBox) -> model.Job:
     # Stored secrets may be sealed (secretbox); the box caches what it opened, so a claim of
     # many deliveries for one subscription decrypts once. A secret this process cannot open
@@ -185,6 +200,7 @@ def _job(row: Any, box: secretbox.SecretBox) -> model.Job:
     # reason and the sender parks it, while the rest of the claim goes out.
     problem: str | None = None
     secrets: tuple[str, ...] = ()
+    headers: dict[str, str] = {}
     try:
         secrets = (
             (box.open(row["secret"]),)
@@ -193,6 +209,10 @@ def _job(row: Any, box: secretbox.SecretBox) -> model.Job:
         )
     except secretbox.SecretBoxError as exc:
         problem = f"secret: {exc}"
+    try:
+        headers = _open_headers(box, row["headers"])
+    except secretbox.SecretBoxError as exc:
+        problem = problem or f"headers: {exc}"
     return model.Job(
         delivery_id=row["delivery_id"],
         lease_token=row["lease_token"],
@@ -205,7 +225,7 @@ def _job(row: Any, box: secretbox.SecretBox) -> model.Job:
         secrets=secrets,
         signature_header=row["signature_header"],
         signers=tuple(row["signers"]),
-        headers=orjson.loads(row["headers"]),
+        headers=headers,
         event_created_at=row["event_created_at"],
         ordering_key=row["ordering_key"],
         manual=row["manual"],
@@ -341,7 +361,7 @@ class Repository:
             list(signers),
             max_in_flight,
             description,
-            orjson.dumps(headers or {}).decode(),
+            sealed_headers(self.box, headers),
             rate_limit_per_second,
             None if retry_policy is None else orjson.dumps(retry_policy).decode(),
             orjson.dumps(metadata or {}).decode(),
@@ -368,7 +388,7 @@ def subscription_dict(row: Any) -> dict[str, Any]:
         "event_types": list(row["event_types"]),
         "signature_header": row["signature_header"],
         "signers": list(row["signers"]),
-        "headers": orjson.loads(row["headers"]),
+        "headers": dict.fromkeys(orjson.loads(row["headers"]), MASKED_HEADER_VALUE),
         "max_in_flight": row["max_in_flight"],
         "rate_limit_per_second": row["rate_limit_per_second"],
         "description": row["description"],

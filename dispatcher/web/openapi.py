@@ -179,7 +179,12 @@ def _schemas() -> dict[str, Any]:
         "event_types": {"type": "array", "items": {"type": "string"}},
         "signature_header": _NULLABLE_STRING,
         "signers": {"type": "array", "items": {"type": "string"}},
-        "headers": {"type": "object", "additionalProperties": {"type": "string"}},
+        "headers": {
+            "type": "object",
+            "additionalProperties": {"type": "string"},
+            "description": "Names of the custom headers; values are stored sealed and shown "
+            "masked.",
+        },
         "max_in_flight": {"type": "integer"},
         "rate_limit_per_second": {"type": "number", "nullable": True},
         "retry_policy": {"type": "object", "nullable": True},

@@ -74,7 +74,7 @@ async def test_subscription_lifecycle(dsn: str) -> None:
     assert "secret" not in got.json()
     body = updated.json()
     assert (body["max_in_flight"], body["rate_limit_per_second"]) == (3, 5.0)
-    assert body["headers"] == {"X-Team": "billing"}
+    assert body["headers"] == {"X-Team": "********"}, "header values are never shown again"
     assert body["retry_policy"] == {"max_attempts": 4}
     assert body["metadata"] == {"owner": "ops"}
     await _failed(blocked, "url:", "[blocked_url]")

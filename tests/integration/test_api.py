@@ -273,7 +273,7 @@ async def test_update_changes_only_given_fields(api: Client, receiver: support.R
     body = reply.body
     assert body["url"] == receiver.url + "/v2"
     assert body["event_types"] == ["invoice.paid", "order.*"]
-    assert body["headers"] == {"X-Env": "prod"}
+    assert body["headers"] == {"X-Env": "********"}, "header values are never shown again"
     assert body["signature_header"] == "X-Sig"
     assert body["max_in_flight"] == 7
     assert body["rate_limit_per_second"] is None

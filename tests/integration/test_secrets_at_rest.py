@@ -15,6 +15,7 @@ from dispatcher import receiver as receiver_toolkit
 from dispatcher import secretbox
 from dispatcher.agent import api as agent_api
 from dispatcher.agent import store
+from dispatcher.db import repository
 from dispatcher.db import secrets as db_secrets
 from tests import support
 from tests.integration.api_support import TOKEN, Client
@@ -160,3 +161,75 @@ async def test_plaintext_row_from_before_keys_is_left_for_reencrypt(pool: Any) -
     assert sealed["secret"].startswith(secretbox.PREFIX)
     await _job(pool, box)
     assert await _stored(pool, sid) == sealed
+
+
+async def test_header_values_are_sealed_masked_on_read_and_still_sent(
+    start_dispatcher: Any, pool: Any, receiver: support.Receiver
+) -> None:
+    credential = "Bearer receiver-credential-5f1c9e"
+    changed = "Bearer receiver-credential-a7d203"
+    box = secretbox.SecretBox.from_spec(f"k1:{K1}")
+    running = await start_dispatcher(admin_token=TOKEN, secret_keys=f"k1:{K1}")
+    async with aiohttp.ClientSession() as session:
+        api = Client(session, f"http://127.0.0.1:{running.dispatcher.bound_port}/v1")
+        created = await api.post(
+            "/subscriptions",
+            {
+                "url": receiver.url,
+                "event_types": ["hdr.*"],
+                "headers": {"Authorization": credential, "X-Tenant": "t1"},
+            },
+        )
+        assert created.status == 201, created
+        sid = created.body["id"]
+        for shown in (created.body, (await api.get(f"/subscriptions/{sid}")).body):
+            assert shown["headers"] == {"Authorization": "********", "X-Tenant": "********"}
+        listed = (await api.get("/subscriptions")).body["items"]
+        assert credential not in str(listed)
+        # What a dump of the table holds: the whole row as text.
+        dumped = await pool.fetchval("SELECT string_agg(s::text, '') FROM webhook_subscriptions s")
+        assert credential not in dumped
+        assert "t1" not in dumped.replace(sid, "")
+        stored = await pool.fetchval(
+            "SELECT headers ->> 'Authorization' FROM webhook_subscriptions WHERE id = $1",
+            uuid.UUID(sid),
+        )
+        assert box.open(stored) == credential
+
+        async with pool.acquire() as conn:
+            first = await dispatcher.publish(conn, "hdr.one", {"n": 1})
+        await support.wait_for(lambda: first in receiver.ids(), message="first delivered")
+        [request] = [r for r in receiver.ok() if r.headers["webhook-id"] == first]
+        assert request.headers["authorization"] == credential
+        assert request.headers["x-tenant"] == "t1"
+
+        patched = await api.patch(f"/subscriptions/{sid}", {"headers": {"Authorization": changed}})
+        assert patched.status == 200, patched
+        assert patched.body["headers"] == {"Authorization": "********"}
+        dumped = await pool.fetchval("SELECT string_agg(s::text, '') FROM webhook_subscriptions s")
+        assert changed not in dumped
+        async with pool.acquire() as conn:
+            second = await dispatcher.publish(conn, "hdr.two", {"n": 2})
+        await support.wait_for(lambda: second in receiver.ids(), message="second delivered")
+        [request] = [r for r in receiver.ok() if r.headers["webhook-id"] == second]
+        assert request.headers["authorization"] == changed
+        assert "x-tenant" not in request.headers
+
+
+async def test_reencrypt_seals_header_values_written_in_clear(pool: Any) -> None:
+    # A row from before header values were sealed (or written without keys).
+    before = await repository.Repository(pool).create_subscription(
+        url=CALLBACK_URL,
+        event_types=["a.b"],
+        secret=OLD,
+        headers={"Authorization": "Bearer from-before-keys-91c"},
+    )
+    raw = "SELECT headers ->> 'Authorization' FROM webhook_subscriptions WHERE id = $1"
+    sid = uuid.UUID(before["id"])
+    assert await pool.fetchval(raw, sid) == "Bearer from-before-keys-91c"
+    box = secretbox.SecretBox.from_spec(f"k1:{K1}")
+    assert (await db_secrets.reencrypt(pool, box)).resealed == 1
+    sealed = await pool.fetchval(raw, sid)
+    assert sealed.startswith(secretbox.PREFIX)
+    assert box.open(sealed) == "Bearer from-before-keys-91c"
+    assert (await db_secrets.reencrypt(pool, box)).resealed == 0
