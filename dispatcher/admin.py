@@ -60,10 +60,12 @@ def build_app(
     registry: prom.CollectorRegistry,
     *,
     api: web.Application | None = None,
+    console: web.Application | None = None,
     middlewares: Sequence[Any] = (),
 ) -> web.Application:
-    """``api`` (the management sub-app from ``dispatcher.api.build``) is mounted at /v1;
-    ``middlewares`` guard the probes that are not configured open (``api.probe_guard``)."""
+    """``api`` (the management sub-app from ``dispatcher.api.build``) is mounted at /v1 and
+    ``console`` (``dispatcher.web.console.pages.build``) at /ui; ``middlewares`` guard the
+    probes that are not configured open (``api.probe_guard``)."""
     app = web.Application(client_max_size=1024 * 1024, middlewares=list(middlewares))
     app[HEALTH] = health
     app[REGISTRY] = registry
@@ -72,4 +74,6 @@ def build_app(
     app.router.add_get("/metrics", metrics)
     if api is not None:
         app.add_subapp("/v1", api)
+    if console is not None:
+        app.add_subapp("/ui", console)
     return app

@@ -61,6 +61,7 @@ MAX_REASON_LENGTH: Final = 500
 MAX_GRACE_SECONDS: Final = 7 * 86400
 DEFAULT_GRACE_SECONDS: Final = 86400
 MAX_EVENT_ID_LENGTH: Final = 200
+MAX_SEARCH_LENGTH: Final = 200
 PAGE_LIMIT_RANGE: Final = (1, 200)
 DEFAULT_PAGE_LIMIT: Final = 50
 MAX_DELIVERY_ID: Final = 2**63 - 1
@@ -454,6 +455,14 @@ def validate_delivery_filter(query: Mapping[str, str]) -> management.DeliveryFil
     )
 
 
+def validate_search(query: Mapping[str, str]) -> str | None:
+    """The optional ``search`` text of a subscription listing (blank means no search)."""
+    raw = query.get("search")
+    if raw is None or not raw.strip():
+        return None
+    return _text(raw.strip(), "search", max_length=MAX_SEARCH_LENGTH, min_length=1)
+
+
 def page_limit(query: Mapping[str, str]) -> int:
     raw = query.get("limit")
     return DEFAULT_PAGE_LIMIT if raw is None else _parse_int(raw, "limit", *PAGE_LIMIT_RANGE)
@@ -513,7 +522,7 @@ def id_cursor(query: Mapping[str, str], kind: str) -> int | None:
     return int(values[0])
 
 
-def _subscription_cursor(query: Mapping[str, str]) -> tuple[datetime.datetime, uuid.UUID] | None:
+def subscription_cursor(query: Mapping[str, str]) -> tuple[datetime.datetime, uuid.UUID] | None:
     values = decode_cursor(query, "subscriptions")
     if values is None:
         return None
@@ -658,9 +667,10 @@ async def _list_subscriptions(request: web.Request) -> web.Response:
         _text(event_type, "event_type", max_length=MAX_EVENT_TYPE_LENGTH, min_length=1)
     page = await request.app[MANAGEMENT].list_subscriptions(
         limit=page_limit(q),
-        after=_subscription_cursor(q),
+        after=subscription_cursor(q),
         enabled=None if enabled_raw is None else enabled_raw == "true",
         event_type=event_type,
+        search=validate_search(q),
     )
     return _json(page_body(page, "subscriptions"))
 
@@ -770,6 +780,10 @@ async def _get_event(request: web.Request) -> web.Response:
     return _json(await request.app[MANAGEMENT].get_event(event_id))
 
 
+async def _overview(request: web.Request) -> web.Response:
+    return _json(await request.app[MANAGEMENT].overview())
+
+
 async def _list_unrouted(request: web.Request) -> web.Response:
     q = request.query
     page = await request.app[MANAGEMENT].list_unrouted_events(
@@ -801,6 +815,7 @@ ROUTES: Final[tuple[tuple[str, str, Handler], ...]] = (
     ("POST", "/deliveries/{delivery_id}/retry", _retry_delivery),
     ("POST", "/deliveries/{delivery_id}/cancel", _cancel_delivery),
     ("GET", "/unrouted-events", _list_unrouted),
+    ("GET", "/overview", _overview),
     ("GET", "/events/{event_id}", _get_event),
 )
 

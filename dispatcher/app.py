@@ -34,6 +34,7 @@ from dispatcher import (
 )
 from dispatcher.db import listener, management, migrate, repository
 from dispatcher.db import pool as db_pool
+from dispatcher.web.console import pages as console_pages
 
 log = structlog.get_logger("dispatcher.app")
 
@@ -83,18 +84,15 @@ class Dispatcher:
             log.warning("secrets_stored_in_plaintext", hint="set DISPATCHER_SECRET_KEYS")
         self.health = admin.Health(repo.ping)
         signers = signing.SignerRegistry.load()
-        management_api = api.build(
-            management.Management(self.pool, repo),
-            token=s.admin_token,
-            policy=self.policy,
-            signers=signers,
-        )
+        mgmt = management.Management(self.pool, repo)
+        management_api = api.build(mgmt, token=s.admin_token, policy=self.policy, signers=signers)
         guarded = [f"/{name}" for name in config.PROBE_ENDPOINTS if name not in s.open_endpoints]
         runner = web.AppRunner(
             admin.build_app(
                 self.health,
                 self.registry,
                 api=management_api,
+                console=console_pages.build(mgmt, token=s.admin_token, signers=signers),
                 middlewares=[api.probe_guard(s.admin_token, guarded)] if guarded else [],
             ),
             access_log=None,

@@ -31,6 +31,17 @@ RESERVED_HEADERS = frozenset(
 )
 
 
+def unsigned_headers(custom: Mapping[str, str] | None) -> dict[str, str]:
+    """Every request's headers before signing: the subscription's own (minus the reserved
+    ones), the content type and the user agent."""
+    headers = (
+        {k: v for k, v in custom.items() if k.lower() not in RESERVED_HEADERS} if custom else {}
+    )
+    headers["content-type"] = "application/json"
+    headers["user-agent"] = USER_AGENT
+    return headers
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Job:
     """One claimed delivery: everything needed to send it and to fence its result."""
@@ -91,13 +102,7 @@ class Sender:
         self._signers: dict[tuple[str | None, tuple[str, ...]], tuple[signing.Signer, ...]] = {}
 
     def build_headers(self, job: Job, timestamp: int) -> dict[str, str]:
-        headers = (
-            {k: v for k, v in job.headers.items() if k.lower() not in RESERVED_HEADERS}
-            if job.headers
-            else {}
-        )
-        headers["content-type"] = "application/json"
-        headers["user-agent"] = USER_AGENT
+        headers = unsigned_headers(job.headers)
         key = (job.signature_header, job.signers)
         signers = self._signers.get(key)
         if signers is None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -29,6 +29,12 @@ TEST_EVENT_TYPE = "dispatcher.test"
 # subscription to be enabled again.
 RETRYABLE_STATES = ("pending", "retrying", "dead", "delivered", "cancelled")
 CANCELLABLE_STATES = ("pending", "retrying", "parked")
+# States the per-group counters keep (sql/004_metrics.sql); finished work is not counted.
+QUEUED_STATES = ("pending", "in_flight", "retrying", "dead", "parked")
+# The window of recent attempts the overview and the subscription health figures cover.
+RECENT_MINUTES = 15
+# The unrouted outbox backlog is counted exactly up to here, then shown as "more than".
+BACKLOG_CAP = 10_000
 
 
 class ManagementError(Exception):
@@ -206,8 +212,11 @@ class Management:
         after: tuple[datetime.datetime, uuid.UUID] | None = None,
         enabled: bool | None = None,
         event_type: str | None = None,
+        search: str | None = None,
     ) -> Page:
-        # Oldest first on (created_at, id); plain read, no locks.
+        """``search``: case-insensitive substring of the id, URL or description."""
+        # Oldest first on (created_at, id); plain read, no locks. strpos, not LIKE: the search
+        # text needs no escaping of % and _.
         rows = await self.pool.fetch(
             f"""
             SELECT {SUBSCRIPTION_COLUMNS}
@@ -215,6 +224,8 @@ class Management:
             WHERE ($1::timestamptz IS NULL OR (created_at, id) > ($1, $2::uuid))
               AND ($3::boolean IS NULL OR enabled = $3)
               AND ($4::text IS NULL OR $4 = ANY (event_types))
+              AND ($6::text IS NULL
+                   OR strpos(lower(id::text || ' ' || url || ' ' || description), lower($6)) > 0)
             ORDER BY created_at, id
             LIMIT $5
             """,
@@ -223,6 +234,7 @@ class Management:
             enabled,
             event_type,
             limit + 1,
+            search,
         )
         items = [subscription_dict(r) for r in rows[:limit]]
         more = len(rows) > limit
@@ -367,6 +379,124 @@ class Management:
                 conn, TEST_EVENT_TYPE, dict(payload), subscription_id=subscription_id
             )
         return {"event_id": event_id, "event_type": TEST_EVENT_TYPE}
+
+    async def subscription_stats(
+        self, subscription_ids: Sequence[uuid.UUID], *, window_minutes: int = RECENT_MINUTES
+    ) -> dict[str, dict[str, int]]:
+        """Per subscription id: queued work by state (``in_flight``, ``dead``, …) and the
+        attempts and failures of the last ``window_minutes`` (zeros where there are none)."""
+        async with self.pool.acquire() as conn:
+            # Plain reads, no locks. Depth sums the per-group deltas (sql/004_metrics.sql); the
+            # window reads the newest block ranges of the attempts (BRIN, sql/012_console.sql)
+            # and finds each attempt's subscription by primary key.
+            depth = await conn.fetch(
+                """
+                SELECT subscription_id, state, sum(delta)::bigint AS n
+                FROM webhook_delivery_count_deltas
+                WHERE subscription_id = ANY ($1::uuid[])
+                GROUP BY subscription_id, state
+                """,
+                list(subscription_ids),
+            )
+            window = await conn.fetch(
+                """
+                SELECT d.subscription_id, count(*) AS attempts,
+                       count(*) FILTER (WHERE a.outcome <> 'success') AS failed
+                FROM webhook_attempts a JOIN webhook_deliveries d ON d.id = a.delivery_id
+                WHERE a.started_at >= now() - make_interval(mins => $2) AND a.applied
+                  AND d.subscription_id = ANY ($1::uuid[])
+                GROUP BY d.subscription_id
+                """,
+                list(subscription_ids),
+                window_minutes,
+            )
+        out: dict[str, dict[str, int]] = {
+            str(sid): dict.fromkeys((*QUEUED_STATES, "attempts", "failed"), 0)
+            for sid in subscription_ids
+        }
+        for row in depth:
+            out[str(row["subscription_id"])][row["state"]] = int(row["n"])
+        for row in window:
+            entry = out[str(row["subscription_id"])]
+            entry["attempts"] = int(row["attempts"])
+            entry["failed"] = int(row["failed"])
+        return out
+
+    async def overview(self, *, window_minutes: int = RECENT_MINUTES) -> dict[str, Any]:
+        """Database-wide state at a glance: queued work by state, the oldest undelivered
+        event, the unrouted outbox backlog (exact up to ``BACKLOG_CAP``), subscriptions up,
+        paused and disabled, and delivered/failed attempts per minute over the window."""
+        async with self.pool.acquire() as conn:
+            # Plain reads, no locks; each one is an index probe or a small aggregate.
+            depth = await conn.fetch(
+                """
+                SELECT state, sum(delta)::bigint AS n FROM webhook_delivery_count_deltas
+                GROUP BY state
+                """
+            )
+            # One probe of webhook_deliveries_oldest per subscription (a min() over the whole
+            # partial index would read every queued row).
+            oldest = await conn.fetchval(
+                """
+                SELECT min(o.at) FROM webhook_subscriptions s CROSS JOIN LATERAL (
+                    SELECT min(d.event_created_at) AS at FROM webhook_deliveries d
+                    WHERE d.subscription_id = s.id
+                      AND d.state IN ('pending', 'in_flight', 'retrying')
+                ) o
+                """
+            )
+            backlog = await conn.fetchval(
+                """
+                SELECT count(*) FROM (
+                    SELECT 1 FROM webhook_outbox WHERE routed_at IS NULL LIMIT $1
+                ) x
+                """,
+                BACKLOG_CAP + 1,
+            )
+            subs = await conn.fetchrow(
+                """
+                SELECT count(*) FILTER (WHERE enabled AND paused_until IS NULL
+                                           OR enabled AND paused_until <= now()) AS up,
+                       count(*) FILTER (WHERE enabled AND paused_until > now()) AS paused,
+                       count(*) FILTER (WHERE NOT enabled) AS disabled
+                FROM webhook_subscriptions
+                """
+            )
+            # The newest block ranges of the attempts (BRIN, sql/012_console.sql).
+            minutes = await conn.fetch(
+                """
+                SELECT date_trunc('minute', started_at) AS minute,
+                       count(*) FILTER (WHERE outcome = 'success') AS delivered,
+                       count(*) FILTER (WHERE outcome <> 'success') AS failed
+                FROM webhook_attempts
+                WHERE started_at >= date_trunc('minute', now()) - make_interval(mins => $1)
+                  AND applied
+                GROUP BY 1 ORDER BY 1
+                """,
+                window_minutes - 1,
+            )
+        states = {r["state"]: int(r["n"]) for r in depth}
+        delivered = sum(int(r["delivered"]) for r in minutes)
+        failed = sum(int(r["failed"]) for r in minutes)
+        return {
+            "window_minutes": window_minutes,
+            "deliveries": {s: states.get(s, 0) for s in QUEUED_STATES},
+            "oldest_undelivered_at": _iso(oldest),
+            "outbox_backlog": int(backlog),
+            "outbox_backlog_capped": int(backlog) > BACKLOG_CAP,
+            "subscriptions": {k: int(subs[k]) for k in ("up", "paused", "disabled")},
+            "delivered": delivered,
+            "failed": failed,
+            "success_ratio": delivered / (delivered + failed) if delivered + failed else None,
+            "per_minute": [
+                {
+                    "minute": _iso(r["minute"]),
+                    "delivered": int(r["delivered"]),
+                    "failed": int(r["failed"]),
+                }
+                for r in minutes
+            ],
+        }
 
     # -- deliveries ------------------------------------------------------------------------
 

@@ -1,0 +1,1 @@
+"""HTTP faces of the dispatcher over the management layer."""
