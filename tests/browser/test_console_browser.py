@@ -84,7 +84,7 @@ async def _dead(pool: Any, event_id: str) -> int | None:
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def world(server_dsn: str, template_dsn: str) -> AsyncIterator[World]:
     chromium = _chromium_or_skip()
-    from playwright.async_api import async_playwright  # noqa: PLC0415
+    from playwright.async_api import async_playwright
 
     name = f"t_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(server_dsn)
