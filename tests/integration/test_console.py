@@ -361,3 +361,15 @@ async def test_sign_in_only_follows_console_paths(console: tuple[ConsoleClient, 
             "/ui/sign-in", {"token": TOKEN, "nonce": nonce.group(1), "next": target}
         )
         assert page.headers["Location"] == expected
+
+
+async def test_redirects_carry_the_headers_and_bare_ui_leads_to_the_console(
+    console: tuple[ConsoleClient, Client],
+) -> None:
+    client, _ = console
+    bare = await client.get("/ui")
+    assert bare.status == 302
+    assert bare.headers["Location"] == "/ui/"
+    to_sign_in = await client.get("/ui/")
+    assert to_sign_in.status == 303
+    assert "frame-ancestors 'none'" in to_sign_in.headers["Content-Security-Policy"]

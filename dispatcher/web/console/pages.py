@@ -243,7 +243,8 @@ async def _frame(request: web.Request, handler: Handler) -> web.StreamResponse:
     except management.Conflict as exc:
         response = _error_page(request, 409, "Not possible now", exc.detail)
     except web.HTTPException as exc:
-        if exc.status < 400:
+        if exc.status < 400:  # a redirect: sent as it is, with the same headers
+            exc.headers.update(SECURITY_HEADERS)
             raise
         response = _error_page(request, exc.status, exc.reason or "Error", exc.reason or "")
     except Exception:
@@ -263,6 +264,8 @@ _PUBLIC_PATHS: Final = frozenset({f"{PREFIX}/sign-in"})
 @web.middleware
 async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     console = request.app[CONSOLE]
+    if request.path == PREFIX:
+        raise web.HTTPFound(f"{PREFIX}/")
     if request.path.startswith(f"{PREFIX}/static/"):
         return await handler(request)
     if console.sessions is None:
