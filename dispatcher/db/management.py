@@ -33,6 +33,9 @@ CANCELLABLE_STATES = ("pending", "retrying", "parked")
 QUEUED_STATES = ("pending", "in_flight", "retrying", "dead", "parked")
 # The window of recent attempts the overview and the subscription health figures cover.
 RECENT_MINUTES = 15
+# Written into the SQL as a constant, not passed as a parameter, for the reason given in
+# Management.subscription_stats.
+_RECENT_INTERVAL = f"interval '{RECENT_MINUTES} minutes'"
 # The unrouted outbox backlog is counted exactly up to here, then shown as "more than".
 BACKLOG_CAP = 10_000
 
@@ -381,51 +384,53 @@ class Management:
         return {"event_id": event_id, "event_type": TEST_EVENT_TYPE}
 
     async def subscription_stats(
-        self, subscription_ids: Sequence[uuid.UUID], *, window_minutes: int = RECENT_MINUTES
+        self, subscription_ids: Sequence[uuid.UUID]
     ) -> dict[str, dict[str, int]]:
         """Per subscription id: queued work by state (``in_flight``, ``dead``, …) and the
-        attempts and failures of the last ``window_minutes`` (zeros where there are none)."""
+        attempts and failures of the last ``RECENT_MINUTES`` (zeros where there are none)."""
         async with self.pool.acquire() as conn:
             # Plain reads, no locks. Depth sums the per-group deltas (sql/004_metrics.sql); the
             # window reads the newest block ranges of the attempts (BRIN, sql/012_console.sql)
-            # and finds each attempt's subscription by primary key.
+            # and finds each attempt's subscription by primary key. Both cover every
+            # subscription and take no parameters: with the ids as a parameter Postgres
+            # switches to a generic plan after five runs that reads every attempt (30 ms
+            # became 300 ms with a million attempts, tests/perf/console_pages.py).
             depth = await conn.fetch(
                 """
                 SELECT subscription_id, state, sum(delta)::bigint AS n
                 FROM webhook_delivery_count_deltas
-                WHERE subscription_id = ANY ($1::uuid[])
                 GROUP BY subscription_id, state
-                """,
-                list(subscription_ids),
+                """
             )
             window = await conn.fetch(
-                """
+                f"""
                 SELECT d.subscription_id, count(*) AS attempts,
                        count(*) FILTER (WHERE a.outcome <> 'success') AS failed
                 FROM webhook_attempts a JOIN webhook_deliveries d ON d.id = a.delivery_id
-                WHERE a.started_at >= now() - make_interval(mins => $2) AND a.applied
-                  AND d.subscription_id = ANY ($1::uuid[])
+                WHERE a.started_at >= now() - {_RECENT_INTERVAL} AND a.applied
                 GROUP BY d.subscription_id
-                """,
-                list(subscription_ids),
-                window_minutes,
+                """
             )
         out: dict[str, dict[str, int]] = {
             str(sid): dict.fromkeys((*QUEUED_STATES, "attempts", "failed"), 0)
             for sid in subscription_ids
         }
         for row in depth:
-            out[str(row["subscription_id"])][row["state"]] = int(row["n"])
+            entry = out.get(str(row["subscription_id"]))
+            if entry is not None:
+                entry[row["state"]] = int(row["n"])
         for row in window:
-            entry = out[str(row["subscription_id"])]
-            entry["attempts"] = int(row["attempts"])
-            entry["failed"] = int(row["failed"])
+            entry = out.get(str(row["subscription_id"]))
+            if entry is not None:
+                entry["attempts"] = int(row["attempts"])
+                entry["failed"] = int(row["failed"])
         return out
 
-    async def overview(self, *, window_minutes: int = RECENT_MINUTES) -> dict[str, Any]:
+    async def overview(self) -> dict[str, Any]:
         """Database-wide state at a glance: queued work by state, the oldest undelivered
         event, the unrouted outbox backlog (exact up to ``BACKLOG_CAP``), subscriptions up,
-        paused and disabled, and delivered/failed attempts per minute over the window."""
+        paused and disabled, and delivered/failed attempts per minute over the last
+        ``RECENT_MINUTES``."""
         async with self.pool.acquire() as conn:
             # Plain reads, no locks; each one is an index probe or a small aggregate.
             depth = await conn.fetch(
@@ -464,22 +469,22 @@ class Management:
             )
             # The newest block ranges of the attempts (BRIN, sql/012_console.sql).
             minutes = await conn.fetch(
-                """
+                f"""
                 SELECT date_trunc('minute', started_at) AS minute,
                        count(*) FILTER (WHERE outcome = 'success') AS delivered,
                        count(*) FILTER (WHERE outcome <> 'success') AS failed
                 FROM webhook_attempts
-                WHERE started_at >= date_trunc('minute', now()) - make_interval(mins => $1)
+                WHERE started_at >= date_trunc('minute', now()) - {_RECENT_INTERVAL}
+                      + interval '1 minute'
                   AND applied
                 GROUP BY 1 ORDER BY 1
-                """,
-                window_minutes - 1,
+                """
             )
         states = {r["state"]: int(r["n"]) for r in depth}
         delivered = sum(int(r["delivered"]) for r in minutes)
         failed = sum(int(r["failed"]) for r in minutes)
         return {
-            "window_minutes": window_minutes,
+            "window_minutes": RECENT_MINUTES,
             "deliveries": {s: states.get(s, 0) for s in QUEUED_STATES},
             "oldest_undelivered_at": _iso(oldest),
             "outbox_backlog": int(backlog),
@@ -503,29 +508,35 @@ class Management:
     async def list_deliveries(
         self, filters: DeliveryFilter, *, limit: int, before_id: int | None = None
     ) -> Page:
-        # Newest first, keyset on id; plain read.
+        # Newest first, keyset on id; plain read. Only the filters given become conditions
+        # (fixed fragments, numbered parameters): a "$n IS NULL OR ..." per filter made
+        # Postgres's generic plan, used after five runs, ignore the indexes (1 ms became
+        # 190 ms with a million deliveries, tests/perf/console_pages.py).
         f = filters
+        conditions: list[str] = []
+        args: list[Any] = []
+        for fragment, value in (
+            ("d.id < ${}", before_id),
+            ("d.subscription_id = ${}", f.subscription_id),
+            ("d.state = ${}", f.state),
+            ("o.event_type = ${}", f.event_type),
+            ("d.created_at >= ${}", f.created_after),
+            ("d.created_at < ${}", f.created_before),
+        ):
+            if value is not None:
+                args.append(value)
+                conditions.append(fragment.format(len(args)))
+        args.append(limit + 1)
         rows = await self.pool.fetch(
             f"""
             SELECT {_DELIVERY_COLUMNS}
             FROM webhook_deliveries d
             JOIN webhook_outbox o ON o.id = d.outbox_id
-            WHERE ($1::bigint IS NULL OR d.id < $1)
-              AND ($2::uuid IS NULL OR d.subscription_id = $2)
-              AND ($3::text IS NULL OR d.state = $3)
-              AND ($4::text IS NULL OR o.event_type = $4)
-              AND ($5::timestamptz IS NULL OR d.created_at >= $5)
-              AND ($6::timestamptz IS NULL OR d.created_at < $6)
+            WHERE {" AND ".join(conditions) or "true"}
             ORDER BY d.id DESC
-            LIMIT $7
+            LIMIT ${len(args)}
             """,
-            before_id,
-            f.subscription_id,
-            f.state,
-            f.event_type,
-            f.created_after,
-            f.created_before,
-            limit + 1,
+            *args,
         )
         items = [delivery_dict(r) for r in rows[:limit]]
         more = len(rows) > limit
