@@ -54,6 +54,7 @@ def _chromium_or_skip() -> str:
 @dataclasses.dataclass
 class World:
     base: str
+    browser: Any
     page: Any
     receiver: support.Receiver
     main_sub: dict[str, Any]
@@ -157,7 +158,7 @@ async def world(server_dsn: str, template_dsn: str) -> AsyncIterator[World]:
             await d.dismiss()
 
         page.on("dialog", dialog)
-        w = World(base, page, receiver, main_sub, xss_sub, dead_event, xss_event, errors)
+        w = World(base, browser, page, receiver, main_sub, xss_sub, dead_event, xss_event, errors)
         try:
             yield w
         finally:
@@ -308,6 +309,27 @@ async def test_overview_refreshes_itself(world: World) -> None:
     ):
         pass
     assert await w.page.locator("#stats .tiles").count() == 1
+
+
+async def test_readable_without_javascript(world: World) -> None:
+    w = world
+    context = await w.browser.new_context(java_script_enabled=False)
+    try:
+        page = await context.new_page()
+        await page.goto(f"{w.base}/ui/deliveries")
+        await page.get_by_label("Admin token").fill(TOKEN)
+        await page.get_by_role("button", name="Sign in").click()
+        await page.wait_for_url(f"{w.base}/ui/deliveries")
+        await page.get_by_label("State").select_option("dead")
+        await page.get_by_role("button", name="Filter").click()
+        await page.wait_for_url(f"{w.base}/ui/deliveries?state=dead**")
+        rows = page.locator("main tbody tr")
+        assert await rows.count() == 1  # the XSS event's delivery; the other was replayed
+        await rows.first.get_by_role("link").first.click()
+        await page.locator("main h1", has_text="Delivery #").wait_for()
+        assert await page.locator("section.attempt").count() == 2
+    finally:
+        await context.close()
 
 
 async def test_signing_out_refuses_every_page_again(world: World) -> None:

@@ -5,6 +5,7 @@ in tests/browser drive the same pages through Chromium.)"""
 from __future__ import annotations
 
 import re
+import ssl
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -12,8 +13,12 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
+import trustme
+from aiohttp import web
 
-from dispatcher import producer
+from dispatcher import producer, signing
+from dispatcher.db import management
+from dispatcher.web.console import pages
 from dispatcher.web.console import session as console_session
 from tests import support
 from tests.integration.api_support import TOKEN, Client
@@ -373,3 +378,39 @@ async def test_redirects_carry_the_headers_and_bare_ui_leads_to_the_console(
     to_sign_in = await client.get("/ui/")
     assert to_sign_in.status == 303
     assert "frame-ancestors 'none'" in to_sign_in.headers["Content-Security-Policy"]
+
+
+async def test_over_https_the_session_cookie_is_secure(pool: Any) -> None:
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    root = web.Application()
+    root.add_subapp(
+        pages.PREFIX,
+        pages.build(
+            management.Management(pool), token=TOKEN, signers=signing.SignerRegistry.load()
+        ),
+    )
+    runner = web.AppRunner(root, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_context)
+    await site.start()
+    client = ConsoleClient(f"https://127.0.0.1:{runner.addresses[0][1]}")
+    try:
+        form = await client.get("/ui/sign-in", ssl=client_context)
+        assert "Secure" in form.headers["Set-Cookie"]
+        nonce = re.search(r'name="nonce" value="([^"]+)"', form.text)
+        assert nonce is not None
+        signed = await client.post(
+            "/ui/sign-in", {"token": TOKEN, "nonce": nonce.group(1)}, ssl=client_context
+        )
+        assert signed.status == 303
+        cookie = signed.headers["Set-Cookie"]
+        assert "Secure" in cookie
+        assert "HttpOnly" in cookie
+        assert (await client.get("/ui/", ssl=client_context)).status == 200
+    finally:
+        await client.close()
+        await runner.cleanup()
