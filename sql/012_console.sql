@@ -8,3 +8,8 @@
 -- and new rows may land in the freed space; such ranges widen and get read too, which costs
 -- time but never correctness.
 CREATE INDEX webhook_attempts_started_brin ON webhook_attempts USING brin (started_at);
+
+-- The delivery listing's creation-time filters. Deliveries are inserted in created_at order
+-- and created_at never changes, so the same holds; a range whose rows moved on update
+-- (state changes are not HOT: state is indexed) only widens, costing reads, never results.
+CREATE INDEX webhook_deliveries_created_brin ON webhook_deliveries USING brin (created_at);

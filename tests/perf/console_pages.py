@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import re
 import time
 from typing import Any
@@ -107,6 +108,11 @@ async def page_list(pool: Any) -> list[tuple[str, str]]:
     )
     event = await pool.fetchval("SELECT o.event_id FROM webhook_outbox o ORDER BY id DESC LIMIT 1")
     cursor = api.encode_cursor("deliveries", (middle,))
+    now = datetime.datetime.now(datetime.UTC).replace(microsecond=0, tzinfo=None)
+
+    def ago(hours: float) -> str:
+        return (now - datetime.timedelta(hours=hours)).isoformat(timespec="seconds")
+
     return [
         ("overview", "/ui/"),
         ("overview refresh", "/ui/overview/stats"),
@@ -122,7 +128,12 @@ async def page_list(pool: Any) -> list[tuple[str, str]]:
             f"/ui/deliveries?state=dead&subscription_id={sub}",
         ),
         ("deliveries event_type (1 in 7)", "/ui/deliveries?event_type=order.refunded"),
-        ("deliveries by time", "/ui/deliveries?created_before=2000-01-01T00:00"),
+        ("deliveries, last hour", f"/ui/deliveries?created_after={ago(1)}"),
+        (
+            "deliveries, 1 h window 12 h back",
+            f"/ui/deliveries?created_after={ago(13)}&created_before={ago(12)}",
+        ),
+        ("deliveries, before any", "/ui/deliveries?created_before=2000-01-01T00:00"),
         ("delivery detail", f"/ui/deliveries/{dead}"),
         ("dead letters", "/ui/dead-letters"),
         ("event lookup", f"/ui/events?event_id={event}"),

@@ -20,11 +20,11 @@ import datetime
 import re
 import secrets
 import time
+import urllib.parse
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import urlencode
 
 import aiohttp_jinja2
 import jinja2
@@ -281,7 +281,7 @@ async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
             return web.Response(status=401, headers={"HX-Redirect": f"{PREFIX}/sign-in"})
         if request.method in ("GET", "HEAD"):
             target = request.path_qs if request.path != f"{PREFIX}/" else ""
-            query = f"?{urlencode({'next': target})}" if target else ""
+            query = f"?{urllib.parse.urlencode({'next': target})}" if target else ""
             raise web.HTTPSeeOther(f"{PREFIX}/sign-in{query}")
         return _error_page(request, 401, "Sign in first", "your session has ended")
     if request.method not in ("GET", "HEAD"):
@@ -422,7 +422,7 @@ async def subscriptions(request: web.Request) -> web.Response:
     cursor = api.encode_cursor("subscriptions", page.next_key)
     next_url = None
     if cursor is not None:
-        next_url = f"{PREFIX}/subscriptions?" + urlencode(
+        next_url = f"{PREFIX}/subscriptions?" + urllib.parse.urlencode(
             {**({"search": search} if search else {}), "cursor": cursor}
         )
     return _render(
@@ -528,7 +528,8 @@ async def send_test(request: web.Request) -> web.StreamResponse:
     payload = api.validate_test_event(body)
     result = await request.app[CONSOLE].mgmt.send_test_event(sid, payload)
     raise web.HTTPSeeOther(
-        f"{PREFIX}/events?" + urlencode({"event_id": result["event_id"], "done": "test_sent"})
+        f"{PREFIX}/events?"
+        + urllib.parse.urlencode({"event_id": result["event_id"], "done": "test_sent"})
     )
 
 
@@ -574,7 +575,7 @@ async def _delivery_page(
     next_url = None
     if cursor is not None:
         shown = {k: request.query[k] for k in DELIVERY_FILTERS if request.query.get(k)}
-        next_url = f"{path}?" + urlencode({**shown, "cursor": cursor})
+        next_url = f"{path}?" + urllib.parse.urlencode({**shown, "cursor": cursor})
     return {"deliveries": page.items, "next_url": next_url}
 
 
