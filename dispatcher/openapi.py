@@ -341,6 +341,12 @@ def _schemas() -> dict[str, Any]:
         "Overview": obj(
             {
                 "window_minutes": {"type": "integer"},
+                "window_since": {
+                    **_DATE_TIME,
+                    "description": "Start of what the attempt figures cover: the window's "
+                    "start, or later when window_cut (only the newest attempts are read).",
+                },
+                "window_cut": {"type": "boolean"},
                 "deliveries": obj(
                     {state: {"type": "integer"} for state in management.QUEUED_STATES}
                 ),

@@ -31,11 +31,24 @@ RETRYABLE_STATES = ("pending", "retrying", "dead", "delivered", "cancelled")
 CANCELLABLE_STATES = ("pending", "retrying", "parked")
 # States the per-group counters keep (sql/004_metrics.sql); finished work is not counted.
 QUEUED_STATES = ("pending", "in_flight", "retrying", "dead", "parked")
-# The window of recent attempts the overview and the subscription health figures cover.
+# The window of recent attempts the overview and the subscription health figures cover, and
+# the most attempts they read: at high rates the window is cut to the newest attempts, so a
+# page costs the same at 10 or 10 000 deliveries per second (the answer says so).
 RECENT_MINUTES = 15
-# Written into the SQL as a constant, not passed as a parameter, for the reason given in
-# Management.subscription_stats.
-_RECENT_INTERVAL = f"interval '{RECENT_MINUTES} minutes'"
+RECENT_ATTEMPTS_CAP = 10_000
+# The newest attempts, walked backwards on the primary key and cut at the cap. Constants in
+# the SQL, not parameters: with parameters Postgres switches to a generic plan after five
+# runs that misjudges the window and reads every attempt (30 ms became 300+ ms with a
+# million attempts, tests/perf/console_pages.py).
+_RECENT_ATTEMPTS = f"""
+    recent AS MATERIALIZED (
+        SELECT delivery_id, started_at, outcome, applied FROM webhook_attempts
+        ORDER BY id DESC LIMIT {RECENT_ATTEMPTS_CAP}
+    ),
+    bounds AS (
+        SELECT date_trunc('minute', now()) - interval '{RECENT_MINUTES - 1} minutes' AS since
+    )
+"""
 # The unrouted outbox backlog is counted exactly up to here, then shown as "more than".
 BACKLOG_CAP = 10_000
 
@@ -387,14 +400,12 @@ class Management:
         self, subscription_ids: Sequence[uuid.UUID]
     ) -> dict[str, dict[str, int]]:
         """Per subscription id: queued work by state (``in_flight``, ``dead``, …) and the
-        attempts and failures of the last ``RECENT_MINUTES`` (zeros where there are none)."""
+        attempts and failures of the last ``RECENT_MINUTES``, among the newest
+        ``RECENT_ATTEMPTS_CAP`` (zeros where there are none)."""
         async with self.pool.acquire() as conn:
             # Plain reads, no locks. Depth sums the per-group deltas (sql/004_metrics.sql); the
-            # window reads the newest block ranges of the attempts (BRIN, sql/012_console.sql)
-            # and finds each attempt's subscription by primary key. Both cover every
-            # subscription and take no parameters: with the ids as a parameter Postgres
-            # switches to a generic plan after five runs that reads every attempt (30 ms
-            # became 300 ms with a million attempts, tests/perf/console_pages.py).
+            # window finds each recent attempt's subscription by primary key. Both cover every
+            # subscription and take no parameters (see _RECENT_ATTEMPTS).
             depth = await conn.fetch(
                 """
                 SELECT subscription_id, state, sum(delta)::bigint AS n
@@ -404,10 +415,11 @@ class Management:
             )
             window = await conn.fetch(
                 f"""
+                WITH {_RECENT_ATTEMPTS}
                 SELECT d.subscription_id, count(*) AS attempts,
                        count(*) FILTER (WHERE a.outcome <> 'success') AS failed
-                FROM webhook_attempts a JOIN webhook_deliveries d ON d.id = a.delivery_id
-                WHERE a.started_at >= now() - {_RECENT_INTERVAL} AND a.applied
+                FROM recent a JOIN webhook_deliveries d ON d.id = a.delivery_id
+                WHERE a.applied AND a.started_at >= (SELECT since FROM bounds)
                 GROUP BY d.subscription_id
                 """
             )
@@ -430,7 +442,8 @@ class Management:
         """Database-wide state at a glance: queued work by state, the oldest undelivered
         event, the unrouted outbox backlog (exact up to ``BACKLOG_CAP``), subscriptions up,
         paused and disabled, and delivered/failed attempts per minute over the last
-        ``RECENT_MINUTES``."""
+        ``RECENT_MINUTES`` (at most the newest ``RECENT_ATTEMPTS_CAP``: ``window_cut`` and
+        ``window_since`` say what was covered)."""
         async with self.pool.acquire() as conn:
             # Plain reads, no locks; each one is an index probe or a small aggregate.
             depth = await conn.fetch(
@@ -467,24 +480,36 @@ class Management:
                 FROM webhook_subscriptions
                 """
             )
-            # The newest block ranges of the attempts (BRIN, sql/012_console.sql).
-            minutes = await conn.fetch(
+            # One row per minute with attempts, or one row with a null minute when none; the
+            # window's start, how many attempts were read and the oldest of them on each.
+            rows = await conn.fetch(
                 f"""
-                SELECT date_trunc('minute', started_at) AS minute,
-                       count(*) FILTER (WHERE outcome = 'success') AS delivered,
-                       count(*) FILTER (WHERE outcome <> 'success') AS failed
-                FROM webhook_attempts
-                WHERE started_at >= date_trunc('minute', now()) - {_RECENT_INTERVAL}
-                      + interval '1 minute'
-                  AND applied
-                GROUP BY 1 ORDER BY 1
+                WITH {_RECENT_ATTEMPTS}
+                SELECT b.since, (SELECT count(*) FROM recent) AS read,
+                       (SELECT min(started_at) FROM recent) AS oldest,
+                       m.minute, m.delivered, m.failed
+                FROM bounds b LEFT JOIN LATERAL (
+                    SELECT date_trunc('minute', started_at) AS minute,
+                           count(*) FILTER (WHERE outcome = 'success') AS delivered,
+                           count(*) FILTER (WHERE outcome <> 'success') AS failed
+                    FROM recent
+                    WHERE applied AND started_at >= b.since
+                    GROUP BY 1
+                ) m ON true
+                ORDER BY m.minute
                 """
             )
         states = {r["state"]: int(r["n"]) for r in depth}
+        window = rows[0]
+        minutes = [r for r in rows if r["minute"] is not None]
+        # Cut short when the cap was reached by attempts that all fall inside the window.
+        cut = window["read"] >= RECENT_ATTEMPTS_CAP and window["oldest"] > window["since"]
         delivered = sum(int(r["delivered"]) for r in minutes)
         failed = sum(int(r["failed"]) for r in minutes)
         return {
             "window_minutes": RECENT_MINUTES,
+            "window_since": _iso(window["oldest"] if cut else window["since"]),
+            "window_cut": cut,
             "deliveries": {s: states.get(s, 0) for s in QUEUED_STATES},
             "oldest_undelivered_at": _iso(oldest),
             "outbox_backlog": int(backlog),
