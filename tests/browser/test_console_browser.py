@@ -6,7 +6,7 @@ order and build on each other: sign in, look, replay, sign out). Every console m
 type error, page error and dialog is recorded; the last test asserts there were none, so a
 Content-Security-Policy violation or a script error anywhere fails the run.
 
-Set DISPATCHER_CONSOLE_SCREENSHOTS=1 to write docs/console-*.png along the way.
+Set CONSOLE_SCREENSHOTS=1 to write docs/console-*.png along the way.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from tests.integration.console_support import XSS_ATTR, XSS_SCRIPT
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-SCREENSHOTS = os.environ.get("DISPATCHER_CONSOLE_SCREENSHOTS") == "1"
+SCREENSHOTS = os.environ.get("CONSOLE_SCREENSHOTS") == "1"
 
 
 def _chromium_or_skip() -> str:
