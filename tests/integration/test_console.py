@@ -82,6 +82,12 @@ async def test_sign_in_sets_a_strict_http_only_cookie_and_sign_out_ends_it(
     assert "SameSite=Strict" in cookie
     assert "Path=/ui/" in cookie
     assert "Secure" not in cookie  # plain HTTP here: a Secure cookie would never come back
+    behind_tls = ConsoleClient(client.base)
+    try:
+        form = await behind_tls.get("/ui/sign-in", headers={"X-Forwarded-Proto": "https"})
+        assert "Secure" in form.headers["Set-Cookie"]
+    finally:
+        await behind_tls.close()
     assert TOKEN not in cookie
     value = client.cookie(console_session.SESSION_COOKIE)
     assert value is not None
@@ -135,14 +141,23 @@ async def test_state_changes_need_the_sessions_csrf_token(
     for form in ({"reason": "no token"}, {"reason": "other", "csrf": foreign}):
         refused = await client.post(path, form)
         assert refused.status == 403, form
-    for headers in ({"Origin": "https://evil.example"}, {"Sec-Fetch-Site": "cross-site"}):
+    for headers in (
+        {"Origin": "https://evil.example"},
+        {"Sec-Fetch-Site": "cross-site"},
+        {"Sec-Fetch-Site": "same-site", "Origin": client.base},
+    ):
         cross_site = await client.post(
             path, {"reason": "x", "csrf": detail.csrf()}, headers=headers
         )
         assert cross_site.status == 403, headers
     assert (await v1.get(f"/subscriptions/{sub['id']}")).body["enabled"] is True
 
-    done = await client.post(path, {"reason": "maintenance window", "csrf": detail.csrf()})
+    # A TLS-terminating proxy in front: the browser's Origin says https, the listener http.
+    done = await client.post(
+        path,
+        {"reason": "maintenance window", "csrf": detail.csrf()},
+        headers={"Origin": client.base.replace("http://", "https://")},
+    )
     assert done.status == 303
     after = (await v1.get(f"/subscriptions/{sub['id']}")).body
     assert after["enabled"] is False

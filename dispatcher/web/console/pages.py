@@ -296,13 +296,23 @@ async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 def _same_origin(request: web.Request) -> bool:
     """Defence in depth before the CSRF token: browsers say where a form post comes from in
-    Sec-Fetch-Site (a page cannot forge it) and usually in Origin; either, when present,
-    must say this listener."""
+    Sec-Fetch-Site (a page cannot forge it); older ones only in Origin, whose host must then
+    be this listener's (or, behind a proxy, the one it forwarded for). The scheme is not
+    compared: a TLS-terminating proxy makes https pages post to an http listener."""
     site = request.headers.get("Sec-Fetch-Site")
-    if site is not None and site not in ("same-origin", "none"):
-        return False
+    if site is not None:
+        return site in ("same-origin", "none")
     origin = request.headers.get("Origin")
-    return origin in (None, "null") or origin == f"{request.scheme}://{request.host}"
+    if origin in (None, "null"):
+        return True
+    host = urllib.parse.urlsplit(origin).netloc
+    return host in (request.host, request.headers.get("X-Forwarded-Host"))
+
+
+def _over_https(request: web.Request) -> bool:
+    """HTTPS here or at a proxy in front. Trusting the header is safe in this one use: it can
+    only add the Secure flag, and a client that fakes it merely loses its own cookie."""
+    return request.secure or request.headers.get("X-Forwarded-Proto", "").lower() == "https"
 
 
 def _safe_next(value: str | None) -> str:
@@ -322,7 +332,7 @@ def _set_cookie(
         path=f"{PREFIX}/",
         httponly=True,
         samesite="Strict",
-        secure=request.secure,
+        secure=_over_https(request),
     )
 
 
