@@ -301,6 +301,37 @@ async def test_hostile_values_render_as_text(world: World) -> None:
     assert w.xss_sub["secret"] not in await w.page.content()
 
 
+UNLABELLED_JS = """
+() => [...document.querySelectorAll('input, select, textarea, button')]
+    .filter(e => e.type !== 'hidden')
+    .filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label')
+                 && !(e.tagName === 'BUTTON' && e.textContent.trim()))
+    .map(e => e.outerHTML)
+"""
+
+
+async def test_every_control_is_labelled_and_the_keyboard_reaches_the_content(
+    world: World,
+) -> None:
+    w = world
+    for path in (
+        "/ui/",
+        "/ui/subscriptions",
+        f"/ui/subscriptions/{w.main_sub['id']}",
+        "/ui/deliveries",
+        "/ui/dead-letters",
+        "/ui/events",
+    ):
+        await w.goto(path)
+        assert await w.page.evaluate(UNLABELLED_JS) == [], path
+    await w.page.keyboard.press("Tab")
+    assert await w.page.evaluate("document.activeElement.textContent") == "Skip to content"
+    await w.page.keyboard.press("Enter")
+    assert await w.page.evaluate("document.activeElement.id") == "main"
+    await w.page.keyboard.press("Tab")  # the first control inside the content
+    assert await w.page.evaluate("document.activeElement.id") == "event-id"
+
+
 async def test_overview_refreshes_itself(world: World) -> None:
     w = world
     await w.goto("/ui/")
