@@ -429,3 +429,53 @@ async def test_over_https_the_session_cookie_is_secure(pool: Any) -> None:
     finally:
         await client.close()
         await runner.cleanup()
+
+
+async def test_enable_cancel_and_keyset_paging(
+    console: tuple[ConsoleClient, Client], receiver: support.Receiver, pool: Any
+) -> None:
+    client, v1 = console
+    sub = await _subscription(v1, receiver.url)
+    assert (await v1.post(f"/subscriptions/{sub['id']}/disable", {"reason": "r"})).status == 200
+    # Deliveries that are routed already and not due: the running dispatcher leaves them be.
+    await pool.execute(
+        """
+        WITH o AS (
+            INSERT INTO webhook_outbox (event_type, payload, routed_at, route_result)
+            SELECT 'page.test', jsonb_build_object('n', g), now(), 'routed'
+            FROM generate_series(1, $2) g RETURNING id
+        )
+        INSERT INTO webhook_deliveries (outbox_id, subscription_id, event_created_at,
+                                        next_attempt_at)
+        SELECT id, $1, now(), now() + interval '1 day' FROM o
+        """,
+        uuid.UUID(sub["id"]),
+        pages.PAGE_SIZE + 3,
+    )
+    await client.sign_in()
+    detail = await client.get(f"/ui/subscriptions/{sub['id']}")
+    assert "Enable" in detail.text
+    enabled = await client.post(f"/ui/subscriptions/{sub['id']}/enable", {"csrf": detail.csrf()})
+    assert enabled.status == 303
+    assert (await v1.get(f"/subscriptions/{sub['id']}")).body["enabled"] is True
+
+    first = await client.get(f"/ui/deliveries?event_type=page.test&subscription_id={sub['id']}")
+    ids = [int(i) for i in re.findall(r'href="/ui/deliveries/(\d+)"', first.text)]
+    assert len(ids) == pages.PAGE_SIZE
+    assert ids == sorted(ids, reverse=True)
+    older = re.search(r'href="([^"]+)" rel="next"', first.text)
+    assert older is not None
+    second = await client.get(older.group(1).replace("&amp;", "&"))
+    rest = [int(i) for i in re.findall(r'href="/ui/deliveries/(\d+)"', second.text)]
+    assert len(rest) == 3
+    assert max(rest) < min(ids)
+    assert 'rel="next"' not in second.text
+
+    target = rest[0]
+    page = await client.get(f"/ui/deliveries/{target}")
+    cancelled = await client.post(f"/ui/deliveries/{target}/cancel", {"csrf": page.csrf()})
+    assert cancelled.status == 303
+    assert (await v1.get(f"/deliveries/{target}")).body["state"] == "cancelled"
+    again = await client.post(f"/ui/deliveries/{target}/cancel", {"csrf": page.csrf()})
+    assert again.status == 409
+    assert "only pending, retrying or parked" in again.text
