@@ -18,22 +18,21 @@ from aiohttp import web
 
 from dispatcher import (
     __version__,
-    admin,
-    api,
     claimer,
     config,
-    delivery,
+    endpoint_health,
     gauges,
-    health,
     metrics,
     retention,
     router,
     secretbox,
+    sender,
     signing,
     ssrf,
 )
 from dispatcher.db import listener, management, migrate, repository
 from dispatcher.db import pool as db_pool
+from dispatcher.web import admin_api, probes
 from dispatcher.web.console import pages as console_pages
 
 log = structlog.get_logger("dispatcher.app")
@@ -64,7 +63,7 @@ class Dispatcher:
         self.pool: Any = None
         self.repo: repository.Repository | None = None
         self.claimer: claimer.Claimer | None = None
-        self.health: admin.Health | None = None
+        self.readiness: probes.Readiness | None = None
         self.bound_port: int | None = None
         self.ready = asyncio.Event()
 
@@ -82,18 +81,20 @@ class Dispatcher:
         repo = self.repo = repository.Repository(self.pool, box=self.box)
         if not self.box.encrypting:
             log.warning("secrets_stored_in_plaintext", hint="set DISPATCHER_SECRET_KEYS")
-        self.health = admin.Health(repo.ping)
+        self.readiness = probes.Readiness(repo.ping)
         signers = signing.SignerRegistry.load()
         mgmt = management.Management(self.pool, repo)
-        management_api = api.build(mgmt, token=s.admin_token, policy=self.policy, signers=signers)
+        management_api = admin_api.build(
+            mgmt, token=s.admin_token, policy=self.policy, signers=signers
+        )
         guarded = [f"/{name}" for name in config.PROBE_ENDPOINTS if name not in s.open_endpoints]
         runner = web.AppRunner(
-            admin.build_app(
-                self.health,
+            probes.build_app(
+                self.readiness,
                 self.registry,
                 api=management_api,
                 console=console_pages.build(mgmt, token=s.admin_token, signers=signers),
-                middlewares=[api.probe_guard(s.admin_token, guarded)] if guarded else [],
+                middlewares=[admin_api.probe_guard(s.admin_token, guarded)] if guarded else [],
             ),
             access_log=None,
         )
@@ -103,8 +104,8 @@ class Dispatcher:
         self.bound_port = _bound_port(runner)
         policy = self.policy
         resolver = ssrf.build_connector_resolver(policy)
-        session = delivery.build_session(max_connections=s.max_in_flight, resolver=resolver)
-        sender = delivery.Sender(
+        session = sender.build_session(max_connections=s.max_in_flight, resolver=resolver)
+        http_sender = sender.Sender(
             session,
             signers,
             request_timeout_seconds=s.request_timeout_seconds,
@@ -114,20 +115,17 @@ class Dispatcher:
             guard=_cached_guard(policy),
             is_blocked=ssrf.is_blocked_error,
         )
-        monitor = health.Monitor(
+        # The claimer reports every attempt to the monitor; the monitor's loop gets the
+        # claimer (below) to send its probes.
+        monitor = endpoint_health.Monitor(
             self.pool,
             repo,
             self.metrics,
-            s.health,
+            s.endpoint_health,
             worker=s.worker_id,
             lease_seconds=s.lease_seconds,
-            # Late-bound: the claimer (built next) reports to the monitor and runs its probes.
-            submit=lambda job: work.submit(job),  # noqa: PLW0108
-            wake=lambda: work.wake(),  # noqa: PLW0108
         )
-        work = self.claimer = claimer.Claimer(
-            repo, sender, self.metrics, s, observe=monitor.observe
-        )
+        work = self.claimer = claimer.Claimer(repo, http_sender, self.metrics, s, health=monitor)
         route = router.Router(
             repo,
             self.metrics,
@@ -160,7 +158,7 @@ class Dispatcher:
         # the same ones on every replica (the loop's first run just repeats this).
         try:
             await gauge_loop.refresh()
-        except gauges.DB_ERRORS as exc:
+        except db_pool.ERRORS as exc:
             log.warning("gauge_refresh_failed", error=f"{type(exc).__name__}: {exc}")
         background_stop = asyncio.Event()
         acks = asyncio.create_task(work.acks.run(), name="acks")
@@ -169,14 +167,14 @@ class Dispatcher:
             asyncio.create_task(route.run(background_stop), name="router"),
             asyncio.create_task(reaper.run(background_stop), name="reaper"),
             asyncio.create_task(gauge_loop.run(background_stop), name="gauges"),
-            asyncio.create_task(monitor.run(background_stop), name="health"),
+            asyncio.create_task(monitor.run(background_stop, work), name="health"),
             asyncio.create_task(
                 retention.Pruner(self.pool, self.metrics, s.retention).run(background_stop),
                 name="retention",
             ),
         ]
         claim = asyncio.create_task(work.run(), name="claimer")
-        self.health.started = True
+        self.readiness.started = True
         self.ready.set()
         log.info(
             "dispatcher_started",
@@ -195,7 +193,7 @@ class Dispatcher:
             stopped.cancel()
         finally:
             log.info("dispatcher_draining", in_flight=work.in_flight())
-            self.health.draining = True
+            self.readiness.draining = True
             work.stop_claiming()
             background_stop.set()
             with contextlib.suppress(asyncio.CancelledError, TimeoutError):
@@ -238,9 +236,9 @@ def _bound_port(runner: web.AppRunner) -> int | None:
     return None
 
 
-async def migrate_database(dsn: str) -> list[str]:
+async def migrate_database(dsn: str, track: migrate.Track = migrate.CORE) -> list[str]:
     conn = await db_pool.connect(dsn, application_name="dispatcher-migrate")
     try:
-        return await migrate.apply(conn)
+        return await migrate.apply(conn, track)
     finally:
         await conn.close()

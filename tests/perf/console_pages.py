@@ -22,7 +22,7 @@ from typing import Any
 import asyncpg
 from aiohttp import web
 
-from dispatcher import api, signing
+from dispatcher import signing, validation
 from dispatcher.db import management
 from dispatcher.web.console import pages
 from tests.integration.console_support import ConsoleClient
@@ -107,7 +107,7 @@ async def page_list(pool: Any) -> list[tuple[str, str]]:
         "SELECT id FROM webhook_deliveries WHERE state = 'dead' ORDER BY id DESC LIMIT 1"
     )
     event = await pool.fetchval("SELECT o.event_id FROM webhook_outbox o ORDER BY id DESC LIMIT 1")
-    cursor = api.encode_cursor("deliveries", (middle,))
+    cursor = validation.encode_cursor("deliveries", (middle,))
     now = datetime.datetime.now(datetime.UTC).replace(microsecond=0, tzinfo=None)
 
     def ago(hours: float) -> str:

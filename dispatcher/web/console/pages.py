@@ -32,8 +32,9 @@ import orjson
 import structlog
 from aiohttp import web
 
-from dispatcher import api, delivery, signing
+from dispatcher import sender, signing, validation
 from dispatcher.db import management
+from dispatcher.web import admin_api
 from dispatcher.web.console import session as console_session
 
 log = structlog.get_logger("dispatcher.console")
@@ -198,7 +199,7 @@ def request_headers(
     """The headers an attempt at ``timestamp`` carried, signatures redacted. A header is a
     signature when its value changes with the secret: signing twice with two throwaway
     secrets tells them apart for any signer, built-in or plugged in."""
-    out = shown_custom_headers(delivery.unsigned_headers(sub["headers"]))
+    out = shown_custom_headers(sender.unsigned_headers(sub["headers"]))
     try:
         chosen = signers.for_subscription(sub["signature_header"], tuple(sub["signers"]))
     except signing.SigningError:
@@ -234,10 +235,9 @@ async def _frame(request: web.Request, handler: Handler) -> web.StreamResponse:
     started = time.perf_counter()
     try:
         response = await handler(request)
-    except api.ProblemError as exc:
+    except validation.ValidationError as exc:
         where = f"{exc.field}: " if exc.field else ""
-        response = _error_page(request, exc.status, "Not accepted", f"{where}{exc.detail}")
-        response.headers.update(exc.headers)
+        response = _error_page(request, 400, "Not accepted", f"{where}{exc.detail}")
     except management.NotFound as exc:
         response = _error_page(request, 404, "Not found", exc.detail)
     except management.Conflict as exc:
@@ -423,13 +423,13 @@ async def overview_stats(request: web.Request) -> web.Response:
 async def subscriptions(request: web.Request) -> web.Response:
     mgmt = request.app[CONSOLE].mgmt
     q = request.query
-    search = api.validate_search(q)
+    search = validation.validate_search(q)
     page = await mgmt.list_subscriptions(
-        limit=PAGE_SIZE, after=api.subscription_cursor(q), search=search
+        limit=PAGE_SIZE, after=validation.subscription_cursor(q), search=search
     )
     stats = await mgmt.subscription_stats([uuid.UUID(s["id"]) for s in page.items])
     rows = [{**s, "health": health_of(s), "stats": stats[s["id"]]} for s in page.items]
-    cursor = api.encode_cursor("subscriptions", page.next_key)
+    cursor = validation.encode_cursor("subscriptions", page.next_key)
     next_url = None
     if cursor is not None:
         next_url = f"{PREFIX}/subscriptions?" + urllib.parse.urlencode(
@@ -450,7 +450,7 @@ async def subscriptions(request: web.Request) -> web.Response:
 
 async def subscription(request: web.Request) -> web.Response:
     console = request.app[CONSOLE]
-    sid = api.subscription_id(request.match_info["subscription_id"])
+    sid = admin_api.subscription_id(request.match_info["subscription_id"])
     sub = await console.mgmt.get_subscription(sid)
     events = await console.mgmt.list_subscription_events(sid, limit=DETAIL_LIST_SIZE)
     recent = await console.mgmt.list_deliveries(
@@ -470,7 +470,7 @@ async def subscription(request: web.Request) -> web.Response:
             "deliveries": recent.items,
             "next_url": None,
             "window": management.RECENT_MINUTES,
-            "grace_seconds": api.DEFAULT_GRACE_SECONDS,
+            "grace_seconds": validation.DEFAULT_GRACE_SECONDS,
         },
     )
 
@@ -485,17 +485,17 @@ def _back_to_subscription(sid: uuid.UUID, done: str) -> web.HTTPSeeOther:
 
 
 async def enable_subscription(request: web.Request) -> web.StreamResponse:
-    sid = api.subscription_id(request.match_info["subscription_id"])
+    sid = admin_api.subscription_id(request.match_info["subscription_id"])
     await request.app[CONSOLE].mgmt.enable_subscription(sid)
     log.info("subscription_enabled", subscription=str(sid), via="console")
     raise _back_to_subscription(sid, "enabled")
 
 
 async def disable_subscription(request: web.Request) -> web.StreamResponse:
-    sid = api.subscription_id(request.match_info["subscription_id"])
+    sid = admin_api.subscription_id(request.match_info["subscription_id"])
     form = await _form(request)
     reason_text = form.get("reason", "").strip()
-    reason = api.validate_disable({"reason": reason_text} if reason_text else {})
+    reason = validation.validate_disable({"reason": reason_text} if reason_text else {})
     await request.app[CONSOLE].mgmt.disable_subscription(sid, reason)
     log.info("subscription_disabled", subscription=str(sid), reason=reason, via="console")
     raise _back_to_subscription(sid, "disabled")
@@ -509,9 +509,9 @@ def _form_int(form: Mapping[str, str], field: str) -> int | str:
 
 
 async def rotate_secret(request: web.Request) -> web.Response:
-    sid = api.subscription_id(request.match_info["subscription_id"])
+    sid = admin_api.subscription_id(request.match_info["subscription_id"])
     form = await _form(request)
-    secret, grace = api.validate_rotation(
+    secret, grace = validation.validate_rotation(
         {"grace_period_seconds": _form_int(form, "grace_period_seconds")}
     )
     result = await request.app[CONSOLE].mgmt.rotate_secret(sid, secret, grace)
@@ -526,7 +526,7 @@ async def rotate_secret(request: web.Request) -> web.Response:
 
 
 async def send_test(request: web.Request) -> web.StreamResponse:
-    sid = api.subscription_id(request.match_info["subscription_id"])
+    sid = admin_api.subscription_id(request.match_info["subscription_id"])
     form = await _form(request)
     raw = form.get("payload", "").strip()
     body: dict[str, Any] = {}
@@ -534,8 +534,8 @@ async def send_test(request: web.Request) -> web.StreamResponse:
         try:
             body["payload"] = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            raise api.invalid("payload", "is not valid JSON", "invalid_json") from None
-    payload = api.validate_test_event(body)
+            raise validation.invalid("payload", "is not valid JSON", "invalid_json") from None
+    payload = validation.validate_test_event(body)
     result = await request.app[CONSOLE].mgmt.send_test_event(sid, payload)
     raise web.HTTPSeeOther(
         f"{PREFIX}/events?"
@@ -577,11 +577,11 @@ def _delivery_query(query: Mapping[str, str]) -> dict[str, str]:
 async def _delivery_page(
     request: web.Request, chosen: Mapping[str, str], *, path: str
 ) -> dict[str, Any]:
-    filters = api.validate_delivery_filter(chosen)
+    filters = management.DeliveryFilter(**validation.validate_delivery_filter(chosen))
     page = await request.app[CONSOLE].mgmt.list_deliveries(
-        filters, limit=PAGE_SIZE, before_id=api.id_cursor(request.query, "deliveries")
+        filters, limit=PAGE_SIZE, before_id=validation.id_cursor(request.query, "deliveries")
     )
-    cursor = api.encode_cursor("deliveries", page.next_key)
+    cursor = validation.encode_cursor("deliveries", page.next_key)
     next_url = None
     if cursor is not None:
         shown = {k: request.query[k] for k in DELIVERY_FILTERS if request.query.get(k)}
@@ -599,7 +599,7 @@ async def deliveries(request: web.Request) -> web.Response:
         {
             "title": "Deliveries",
             **listing,
-            "states": api.DELIVERY_STATES,
+            "states": validation.DELIVERY_STATES,
             "form": {k: request.query.get(k, "") for k in DELIVERY_FILTERS},
         },
     )
@@ -607,7 +607,7 @@ async def deliveries(request: web.Request) -> web.Response:
 
 async def delivery_detail(request: web.Request) -> web.Response:
     console = request.app[CONSOLE]
-    did = api.delivery_id(request.match_info["delivery_id"])
+    did = admin_api.delivery_id(request.match_info["delivery_id"])
     found = await console.mgmt.get_delivery(did)
     sub = await console.mgmt.get_subscription(uuid.UUID(found["subscription_id"]))
     attempts = [
@@ -637,14 +637,14 @@ async def delivery_detail(request: web.Request) -> web.Response:
 
 
 async def retry_delivery(request: web.Request) -> web.StreamResponse:
-    did = api.delivery_id(request.match_info["delivery_id"])
+    did = admin_api.delivery_id(request.match_info["delivery_id"])
     await request.app[CONSOLE].mgmt.retry_delivery(did)
     log.info("delivery_retry_requested", delivery_id=did, via="console")
     raise web.HTTPSeeOther(f"{PREFIX}/deliveries/{did}?done=retried")
 
 
 async def cancel_delivery(request: web.Request) -> web.StreamResponse:
-    did = api.delivery_id(request.match_info["delivery_id"])
+    did = admin_api.delivery_id(request.match_info["delivery_id"])
     await request.app[CONSOLE].mgmt.cancel_delivery(did)
     log.info("delivery_cancelled", delivery_id=did, via="console")
     raise web.HTTPSeeOther(f"{PREFIX}/deliveries/{did}?done=cancelled")
@@ -660,7 +660,7 @@ async def dead_letters(request: web.Request) -> web.Response:
     if sub_filter:
         chosen["subscription_id"] = sub_filter
     listing = await _delivery_page(request, chosen, path=f"{PREFIX}/dead-letters")
-    subs = await console.mgmt.list_subscriptions(limit=api.PAGE_LIMIT_RANGE[1])
+    subs = await console.mgmt.list_subscriptions(limit=validation.PAGE_LIMIT_RANGE[1])
     return _render(
         request,
         "dead_letters.html",
@@ -677,8 +677,8 @@ async def dead_letters(request: web.Request) -> web.Response:
 async def start_replay(request: web.Request) -> web.StreamResponse:
     console = request.app[CONSOLE]
     form = await _form(request)
-    sid = api.parse_uuid(form.get("subscription_id", "").strip(), "subscription_id")
-    since = api.validate_retry_dead({"since": _form_time(form.get("since", ""))})
+    sid = validation.parse_uuid(form.get("subscription_id", "").strip(), "subscription_id")
+    since = validation.validate_retry_dead({"since": _form_time(form.get("since", ""))})
     # Refused now (unknown or disabled subscription) rather than in the background.
     found = await console.mgmt.get_subscription(sid)
     if not found["enabled"]:
@@ -737,8 +737,8 @@ async def event_lookup(request: web.Request) -> web.Response:
     event_id = request.query.get("event_id", "").strip()
     found = None
     if event_id:
-        if "\x00" in event_id or len(event_id) > api.MAX_EVENT_ID_LENGTH:
-            raise api.invalid("event_id", "is not an event id")
+        if "\x00" in event_id or len(event_id) > validation.MAX_EVENT_ID_LENGTH:
+            raise validation.invalid("event_id", "is not an event id")
         found = await request.app[CONSOLE].mgmt.get_event(event_id)
     return _render(
         request, "event.html", {"title": "Event lookup", "event_id": event_id, "event": found}
