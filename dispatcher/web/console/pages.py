@@ -3,8 +3,9 @@
 Same authority as ``/v1``: the admin token, entered once on the sign-in page, buys a signed
 session cookie (``session``). Every read and write goes through ``dispatcher.db.management``
 after ``dispatcher.validation`` (and ``admin_api``'s path ids), as for ``/v1`` and the CLI, so
-the console can do nothing the API cannot and rejects what the API rejects. Pages work without JavaScript; htmx (vendored under ``static/``) only
-refreshes the overview and the replay progress in place.
+the console can do nothing the API cannot and rejects what the API rejects. Pages work
+without JavaScript; htmx (vendored under ``static/``) only refreshes the overview and the
+replay progress in place.
 
 Every response carries a Content-Security-Policy without inline scripts or styles and with
 ``frame-ancestors 'none'``; templates autoescape every value. This module must not hold SQL,
