@@ -14,10 +14,37 @@ from typing import Any
 import asyncpg
 import pytest
 
-from dispatcher import app, config
+from dispatcher import app, config, signing
 from dispatcher.agent import store
 from dispatcher.db import embedded
-from tests import support
+from tests import leaks, support
+
+# Every secret the code under test generates in this process is looked for in the output.
+leaks.wrap_generator(signing, "generate_secret")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    modules = {item.module for item in items if isinstance(item, pytest.Function)}
+    for module in modules:
+        leaks.register_module(module)
+    leaks.register_module(support)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """A test whose captured output (log lines, stdout, stderr, spawned dispatchers' log files)
+    holds a secret or token fails, whatever it asserted."""
+    outcome = yield
+    report = outcome.get_result()
+    if call.when == "teardown":
+        problems = leaks.scan_sections(report.sections)
+        leaks.forget_files()
+    else:
+        problems = [p for p in leaks.scan_sections(report.sections) if not p.startswith("log ")]
+    if problems and report.outcome != "failed":
+        report.outcome = "failed"
+        report.longrepr = "a secret reached captured output: " + "; ".join(sorted(set(problems)))
+
 
 TEMPLATE = f"dispatcher_tpl_{os.getpid()}"
 

@@ -25,6 +25,7 @@ from aiohttp import web
 
 import dispatcher
 from dispatcher.db import repository
+from tests import leaks
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -181,6 +182,8 @@ def spawn_dispatcher(
         }
     )
     env.update(extra_env or {})
+    if log_path:
+        leaks.watch_file(log_path)
     out = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115
     return subprocess.Popen(
         [sys.executable, "-m", "dispatcher", *args],
@@ -252,4 +255,5 @@ async def run_cli(env: dict[str, str], *args: str) -> CliResult:
     )
     out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
     assert proc.returncode is not None
+    leaks.check_cli(args, out.decode(), err.decode())
     return CliResult(proc.returncode, out.decode(), err.decode())
