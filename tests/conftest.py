@@ -36,11 +36,13 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     holds a secret or token fails, whatever it asserted."""
     outcome = yield
     report = outcome.get_result()
+    # Each phase's report repeats the sections of the phases before it: judge its own only.
+    own = [(title, text) for title, text in report.sections if title.endswith(call.when)]
     if call.when == "teardown":
-        problems = leaks.scan_sections(report.sections)
+        problems = leaks.scan_sections(own)
         leaks.forget_files()
     else:
-        problems = [p for p in leaks.scan_sections(report.sections) if not p.startswith("log ")]
+        problems = [p for p in leaks.scan_sections(own) if not p.startswith("log ")]
     if problems and report.outcome != "failed":
         report.outcome = "failed"
         report.longrepr = "a secret reached captured output: " + "; ".join(sorted(set(problems)))
