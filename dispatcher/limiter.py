@@ -20,5 +20,5 @@ class GlobalLimiter:
             raise RuntimeError("acquired more slots than are free")
         self.in_use += n
 
-    def release(self) -> None:
-        self.in_use -= 1
+    def release(self, n: int = 1) -> None:
+        self.in_use -= n

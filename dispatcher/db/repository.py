@@ -64,15 +64,20 @@ WITH batch AS (
     LIMIT $1
     FOR UPDATE SKIP LOCKED
 ), targets AS (
+    -- Events for one subscription by id; the others through the pattern index (007): each
+    -- event type expands into the patterns that can match it, so routing costs a few index
+    -- probes per event whatever the number of subscriptions. UNION: one delivery per pair
+    -- even when several patterns of a subscription match.
     SELECT b.id AS outbox_id, s.id AS subscription_id, b.ordering_key, b.created_at, s.enabled
     FROM batch b
-    JOIN webhook_subscriptions s
-      ON (b.subscription_id IS NOT NULL AND s.id = b.subscription_id)
-      OR (b.subscription_id IS NULL AND s.enabled AND EXISTS (
-            SELECT 1 FROM unnest(s.event_types) AS p(pattern)
-            WHERE p.pattern = b.event_type
-               OR p.pattern = '*'
-               OR (right(p.pattern, 2) = '.*' AND starts_with(b.event_type, left(p.pattern, -1)))))
+    JOIN webhook_subscriptions s ON s.id = b.subscription_id
+    UNION
+    SELECT b.id, s.id, b.ordering_key, b.created_at, s.enabled
+    FROM batch b
+    CROSS JOIN LATERAL unnest(dispatcher_type_patterns(b.event_type)) AS c(pattern)
+    JOIN webhook_subscription_patterns p ON p.pattern = c.pattern
+    JOIN webhook_subscriptions s ON s.id = p.subscription_id
+    WHERE b.subscription_id IS NULL AND s.enabled
 ), created AS (
     INSERT INTO webhook_deliveries
         (outbox_id, subscription_id, ordering_key, event_created_at, state)
@@ -95,41 +100,12 @@ WHERE o.id = b.id
 RETURNING o.route_result, o.delivery_count, (SELECT count(*) FROM created) AS created
 """
 
-_ACK_SQL = """
--- Apply results fenced on the lease token: a row whose token changed (lease expired and
--- reclaimed, or released) is left alone, and its attempt is logged with applied = false.
-WITH r AS (
-    SELECT *
-    FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::float8[], $5::int[], $6::text[],
-                $7::int[], $8::float8[], $9::float8[], $10::text[], $11::text[], $12::bool[])
-         AS r(id, token, state, delay, status, error, attempt, started, duration_ms, outcome,
-              response, manual)
-), applied AS (
-    UPDATE webhook_deliveries d
-    SET state = r.state,
-        next_attempt_at = CASE WHEN r.delay IS NULL THEN d.next_attempt_at
-                               ELSE now() + make_interval(secs => r.delay) END,
-        leased_until = NULL,
-        lease_token = NULL,
-        leased_by = NULL,
-        last_status = r.status,
-        last_error = r.error,
-        -- a manual replay is one attempt; whatever follows it is automatic again (003)
-        manual_replay = false,
-        finished_at = CASE WHEN r.state IN ('delivered', 'dead') THEN now() END,
-        updated_at = now()
-    FROM r
-    WHERE d.id = r.id AND d.lease_token = r.token AND d.state = 'in_flight'
-    RETURNING d.id
-), logged AS (
-    INSERT INTO webhook_attempts (delivery_id, attempt, manual, started_at, duration_ms, outcome,
-                                  status_code, error, response_body, worker, applied)
-    SELECT r.id, r.attempt, r.manual, to_timestamp(r.started), r.duration_ms, r.outcome,
-           r.status, r.error, r.response, $13, r.id IN (SELECT id FROM applied)
-    FROM r
-    WHERE EXISTS (SELECT 1 FROM webhook_deliveries x WHERE x.id = r.id)
-)
-SELECT id FROM applied
+# Both apply results fenced on the lease token (sql/007_engine.sql); the second also claims
+# the next batch in the same round trip, on a snapshot that sees the freed slots.
+_ACK_SQL = "SELECT * FROM dispatcher_ack($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+_COMPLETE_AND_CLAIM_SQL = """
+SELECT * FROM dispatcher_complete_and_claim($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
+                                            $13, $14, $15)
 """
 
 _RECLAIM_SQL = """
@@ -230,6 +206,27 @@ def _job(row: Any, box: secretbox.SecretBox) -> delivery.Job:
         ordering_key=row["ordering_key"],
         manual=row["manual"],
         retry_policy=orjson.loads(row["retry_policy"]) if row["retry_policy"] else None,
+        traceparent=row["traceparent"],
+        tracestate=row["tracestate"],
+        capped=row["capped"],
+    )
+
+
+def _ack_columns(acks: Sequence[Ack]) -> tuple[list[Any], ...]:
+    """Acks as the column arrays dispatcher_ack() takes (one array per field)."""
+    return (
+        [a.delivery_id for a in acks],
+        [a.lease_token for a in acks],
+        [a.state for a in acks],
+        [a.delay_seconds for a in acks],
+        [a.status for a in acks],
+        [a.error for a in acks],
+        [a.attempt for a in acks],
+        [a.started_at for a in acks],
+        [a.duration_ms for a in acks],
+        [a.outcome for a in acks],
+        [a.response for a in acks],
+        [a.manual for a in acks],
     )
 
 
@@ -281,23 +278,20 @@ class Repository:
 
     async def ack(self, acks: Sequence[Ack], worker: str) -> set[int]:
         """Apply results; return the ids whose token still matched (the rest were stale)."""
+        rows = await self.pool.fetch(_ACK_SQL, *_ack_columns(acks), worker)
+        return {r[0] for r in rows}
+
+    async def complete_and_claim(
+        self, acks: Sequence[Ack], worker: str, limit: int, lease_seconds: float
+    ) -> tuple[set[int], list[delivery.Job]]:
+        """Apply results and claim up to ``limit`` deliveries in one round trip (one
+        transaction: a failure applies neither). → (applied ids, claimed jobs)."""
         rows = await self.pool.fetch(
-            _ACK_SQL,
-            [a.delivery_id for a in acks],
-            [a.lease_token for a in acks],
-            [a.state for a in acks],
-            [a.delay_seconds for a in acks],
-            [a.status for a in acks],
-            [a.error for a in acks],
-            [a.attempt for a in acks],
-            [a.started_at for a in acks],
-            [a.duration_ms for a in acks],
-            [a.outcome for a in acks],
-            [a.response for a in acks],
-            [a.manual for a in acks],
-            worker,
+            _COMPLETE_AND_CLAIM_SQL, *_ack_columns(acks), worker, limit, lease_seconds
         )
-        return {r["id"] for r in rows}
+        applied = {r["acked"] for r in rows if r["acked"] is not None}
+        jobs = [_job(r, self.box) for r in rows if r["acked"] is None]
+        return applied, jobs
 
     async def reclaim_expired(self, max_attempts: int) -> Reclaimed:
         rows = await self.pool.fetch(_RECLAIM_SQL, max_attempts)
