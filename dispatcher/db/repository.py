@@ -87,6 +87,10 @@ WITH batch AS (
     ORDER BY t.outbox_id, t.subscription_id
     ON CONFLICT (outbox_id, subscription_id) DO NOTHING
     RETURNING 1
+), notified AS (
+    -- Wake every replica's claimer when work was created; delivered at commit. One
+    -- statement, so routing is one round trip (no BEGIN/NOTIFY/COMMIT of its own).
+    SELECT pg_notify($2, '') FROM (SELECT 1 FROM created LIMIT 1) x
 )
 UPDATE webhook_outbox o
 SET routed_at = now(),
@@ -97,7 +101,8 @@ SET routed_at = now(),
         ELSE 'unmatched' END
 FROM batch b
 WHERE o.id = b.id
-RETURNING o.route_result, o.delivery_count, (SELECT count(*) FROM created) AS created
+RETURNING o.route_result, o.delivery_count, (SELECT count(*) FROM created) AS created,
+          (SELECT count(*) FROM notified) AS notified
 """
 
 # Both apply results fenced on the lease token (sql/007_engine.sql); the second also claims
@@ -241,11 +246,7 @@ class Repository:
     # -- routing ---------------------------------------------------------------------------
 
     async def route(self, limit: int) -> RouteStats:
-        async with self.pool.acquire() as conn, conn.transaction():
-            rows = await conn.fetch(_ROUTE_SQL, limit)
-            if rows and rows[0]["created"]:
-                # Wake every replica's claimer; delivered at commit.
-                await conn.execute("SELECT pg_notify($1, '')", WORK_CHANNEL)
+        rows = await self.pool.fetch(_ROUTE_SQL, limit, WORK_CHANNEL)
         results = [r["route_result"] for r in rows]
         return RouteStats(
             events=len(rows),

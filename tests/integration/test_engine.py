@@ -11,6 +11,8 @@ import random
 import uuid
 from typing import Any
 
+import asyncpg
+
 import dispatcher
 from dispatcher.db import repository
 from tests import support
@@ -280,3 +282,25 @@ async def test_a_capped_subscriber_drains_without_any_timer(
     finally:
         await running.stop()
     assert await _counter_drift(pool) == []
+
+
+async def test_routing_wakes_the_claimers_in_its_one_statement(pool: Any, dsn: str) -> None:
+    repo = repository.Repository(pool)
+    await repo.create_subscription(url="http://127.0.0.1:1/", event_types=["*"], secret=SECRET)
+    heard: list[str] = []
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.add_listener(repository.WORK_CHANNEL, lambda *args: heard.append(args[2]))
+        async with pool.acquire() as c:
+            await dispatcher.publish(c, "e", {})
+        assert (await repo.route(10)).deliveries == 1
+        await support.wait_for(lambda: heard, message="a work notification")
+        heard.clear()
+        # Nothing routed to anyone: no wake-up.
+        await pool.execute("INSERT INTO webhook_outbox (event_type, payload) VALUES ('x', '{}')")
+        await pool.execute("UPDATE webhook_subscriptions SET enabled = false")
+        assert (await repo.route(10)).deliveries == 0
+        await conn.execute("SELECT 1")  # a round trip: a pending notification would be in
+        assert heard == []
+    finally:
+        await conn.close()
