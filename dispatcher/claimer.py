@@ -45,6 +45,10 @@ def _no_refill() -> int:
     return 0
 
 
+def _nothing() -> None:
+    return None
+
+
 class AckWriter:
     """Writes attempt results in batches: whatever queued up while the last write ran.
 
@@ -64,6 +68,7 @@ class AckWriter:
         on_written: Callable[[], None],
         refill: Callable[[], int] = _no_refill,
         on_claimed: Callable[[list[delivery.Job], int], None] | None = None,
+        on_claim_failed: Callable[[], None] = _nothing,
         lease_seconds: float = 60.0,
     ) -> None:
         self._repo = repo
@@ -73,6 +78,7 @@ class AckWriter:
         self._on_written = on_written
         self._refill = refill
         self._on_claimed = on_claimed
+        self._on_claim_failed = on_claim_failed
         self._lease_seconds = lease_seconds
         self._queue: asyncio.Queue[repository.Ack] = asyncio.Queue()
         self.stale = 0
@@ -114,6 +120,7 @@ class AckWriter:
             # One transaction: neither part happened. Give the slots back and write the
             # results the careful way (split around bad rows, retried through outages).
             self._on_claimed([], want)
+            self._on_claim_failed()
             if not isinstance(exc, BAD_ROW_ERRORS):
                 log.warning(
                     "ack_write_failed", error=f"{type(exc).__name__}: {exc}", results=len(acks)
@@ -197,10 +204,6 @@ class _Children:
         return child
 
 
-def _nothing() -> None:
-    return None
-
-
 # Marker queued by close(); never written.
 _CLOSE = repository.Ack(0, 0, 0, "", None, None, None, 0.0, 0.0, "", None)
 
@@ -232,6 +235,7 @@ class Claimer:
             on_written=_nothing,
             refill=self._refill_slots,
             on_claimed=self._claimed,
+            on_claim_failed=self.wake,
             lease_seconds=settings.lease_seconds,
         )
         # Bound once: the module-level proxy re-binds on every call while loggers are not
@@ -299,7 +303,7 @@ class Claimer:
                 await self._idle(s.poll_interval_seconds)
                 continue
             try:
-                jobs = await self._repo.claim(s.worker_id, want, s.lease_seconds)
+                jobs = await self._claim(want)
                 db_delay = 0.05
             except DB_ERRORS as exc:
                 self._claimed([], want)
@@ -310,6 +314,63 @@ class Claimer:
             self._claimed(jobs, want)
             if not self._backlogged and self._claiming:
                 await self._idle(self._idle_timeout())
+
+    async def _claim(self, want: int) -> list[delivery.Job]:
+        s = self._settings
+        try:
+            return await self._repo.claim(s.worker_id, want, s.lease_seconds)
+        except BAD_ROW_ERRORS as exc:
+            # One row the client cannot be handed (bytes that are not UTF-8 in a SQL_ASCII
+            # database, say) fails the whole statement, and would fail every claim that
+            # reaches it: claim without contents, read them back by id, and quarantine the
+            # rows that cannot be read. The others go out as usual.
+            log.warning("claim_rows_unreadable", error=type(exc).__name__, wanted=want)
+            leases = await self._repo.claim_leases(s.worker_id, want, s.lease_seconds)
+            return await self._read_isolating(leases)
+
+    async def _read_isolating(self, leases: list[repository.Lease]) -> list[delivery.Job]:
+        if not leases:
+            return []
+        try:
+            return await self._repo.jobs_for(leases)
+        except BAD_ROW_ERRORS as exc:
+            if len(leases) == 1:
+                self._quarantine(leases[0], exc)
+                return []
+            half = len(leases) // 2
+            return await self._read_isolating(leases[:half]) + await self._read_isolating(
+                leases[half:]
+            )
+
+    def _quarantine(self, lease: repository.Lease, exc: BaseException) -> None:
+        """Dead-letter a delivery whose row cannot be read: it can never be sent as stored.
+        The database's message is not kept (it can quote the row's bytes)."""
+        error = f"unreadable row ({type(exc).__name__}): its contents cannot be sent as stored"
+        children = self._metric_children(lease.subscription_id)
+        children.attempts(errors.Outcome.OTHER.value).inc()
+        children.dead.inc()
+        self._log.error(
+            "delivery_quarantined",
+            delivery_id=lease.delivery_id,
+            subscription=lease.subscription_id,
+            attempt=lease.attempt,
+            error=type(exc).__name__,
+        )
+        self.acks.put(
+            repository.Ack(
+                delivery_id=lease.delivery_id,
+                lease_token=lease.lease_token,
+                attempt=lease.attempt,
+                state="dead",
+                delay_seconds=None,
+                status=None,
+                error=error,
+                started_at=time.time(),
+                duration_ms=0.0,
+                outcome=errors.Outcome.OTHER.value,
+                response=None,
+            )
+        )
 
     def _idle_timeout(self) -> float:
         until_due = self._next_due - time.monotonic()

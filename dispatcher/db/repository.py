@@ -47,6 +47,17 @@ class Ack:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class Lease:
+    """A claimed delivery before its contents are read (see ``claim_leases``)."""
+
+    delivery_id: int
+    lease_token: int
+    attempt: int
+    subscription_id: str
+    capped: bool
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Reclaimed:
     requeued: int
     dead: int
@@ -111,6 +122,29 @@ _ACK_SQL = "SELECT * FROM dispatcher_ack($1, $2, $3, $4, $5, $6, $7, $8, $9, $10
 _COMPLETE_AND_CLAIM_SQL = """
 SELECT * FROM dispatcher_complete_and_claim($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
                                             $13, $14, $15)
+"""
+
+# The claim without the row contents: ids only, so a row the client encoding cannot carry
+# (bytes that are not UTF-8 in a SQL_ASCII database) does not fail the statement; the
+# contents are then read by id, where such a row can be told apart and quarantined.
+_CLAIM_IDS_SQL = """
+SELECT c.delivery_id, c.lease_token, c.attempt, c.subscription_id, c.capped
+FROM dispatcher_claim($1, $2, $3) c
+"""
+_JOBS_BY_ID_SQL = """
+-- Claimed deliveries read back by id with the claim's columns; no locks: they are leased to
+-- this worker already (the lease token must still match).
+SELECT d.id AS delivery_id, d.lease_token, d.attempt, d.subscription_id, s.url, o.event_id,
+       o.event_type, o.payload::text AS body, s.secret,
+       CASE WHEN s.previous_secret_until > now() THEN s.previous_secret END AS previous_secret,
+       s.signature_header, s.signers, s.headers::text AS headers,
+       extract(epoch FROM o.created_at)::double precision AS event_created_at,
+       d.ordering_key, d.manual_replay AS manual, s.retry_policy::text AS retry_policy,
+       o.traceparent, o.tracestate, c.capped
+FROM unnest($1::bigint[], $2::bigint[], $3::bool[]) AS c(id, token, capped)
+JOIN webhook_deliveries d ON d.id = c.id AND d.lease_token = c.token
+JOIN webhook_outbox o ON o.id = d.outbox_id
+JOIN webhook_subscriptions s ON s.id = d.subscription_id
 """
 
 _RECLAIM_SQL = """
@@ -262,6 +296,21 @@ class Repository:
         # One round trip; the locking lives in dispatcher_claim() (sql/006_claim.sql).
         rows = await self.pool.fetch(
             "SELECT * FROM dispatcher_claim($1, $2, $3)", worker, limit, lease_seconds
+        )
+        return [_job(r, self.box) for r in rows]
+
+    async def claim_leases(self, worker: str, limit: int, lease_seconds: float) -> list[Lease]:
+        """The claim, returning leases without contents (see ``_CLAIM_IDS_SQL``)."""
+        rows = await self.pool.fetch(_CLAIM_IDS_SQL, worker, limit, lease_seconds)
+        return [Lease(r[0], r[1], r[2], str(r[3]), r[4]) for r in rows]
+
+    async def jobs_for(self, leases: Sequence[Lease]) -> list[delivery.Job]:
+        """The jobs of leases this worker holds (read by id; a stale lease reads nothing)."""
+        rows = await self.pool.fetch(
+            _JOBS_BY_ID_SQL,
+            [x.delivery_id for x in leases],
+            [x.lease_token for x in leases],
+            [x.capped for x in leases],
         )
         return [_job(r, self.box) for r in rows]
 

@@ -7,6 +7,7 @@ capped subscription drained with no timer to help (the poll set to a minute).
 
 from __future__ import annotations
 
+import asyncio
 import random
 import uuid
 from typing import Any
@@ -14,8 +15,9 @@ from typing import Any
 import asyncpg
 
 import dispatcher
+from dispatcher import app
 from dispatcher.db import repository
-from tests import support
+from tests import conftest, support
 
 SECRET = "whsec_" + "A" * 32
 
@@ -304,3 +306,64 @@ async def test_routing_wakes_the_claimers_in_its_one_statement(pool: Any, dsn: s
         assert heard == []
     finally:
         await conn.close()
+
+
+async def test_an_unreadable_row_is_quarantined_and_the_rest_keeps_flowing(
+    server_dsn: str, receiver: support.Receiver
+) -> None:
+    """In a SQL_ASCII database a payload with bytes that are not UTF-8 cannot be sent to the
+    client: every claim that reached it used to fail. It is dead-lettered alone, with an
+    error that does not quote it, and every other event is delivered."""
+    name = f"t_ascii_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(server_dsn)
+    await admin.execute(
+        f"CREATE DATABASE \"{name}\" ENCODING 'SQL_ASCII' TEMPLATE template0 "
+        "LC_COLLATE 'C' LC_CTYPE 'C'"
+    )
+    dsn = support.with_database(server_dsn, name)
+    try:
+        await app.migrate_database(dsn)
+        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+        try:
+            repo = repository.Repository(pool)
+            await repo.create_subscription(url=receiver.url, event_types=["*"], secret=SECRET)
+            await pool.execute(
+                "INSERT INTO webhook_outbox (event_id, event_type, payload) "
+                "SELECT 'evt_' || g, 'e', '{}' FROM generate_series(1, 5) g"
+            )
+            await pool.execute(
+                "INSERT INTO webhook_outbox (event_id, event_type, payload) "
+                "VALUES ('evt_bad', 'e', E'{\"k\": \"\\xff\\xfe\"}')"
+            )
+            await pool.execute(
+                "INSERT INTO webhook_outbox (event_id, event_type, payload) "
+                "SELECT 'evt_' || g, 'e', '{}' FROM generate_series(6, 10) g"
+            )
+            d = app.Dispatcher(conftest.fast_settings(dsn))
+            stop = asyncio.Event()
+            task = asyncio.create_task(d.run(stop))
+            try:
+                await support.wait_for(
+                    lambda: pool.fetchval(
+                        "SELECT count(*) = 11 FROM webhook_deliveries "
+                        "WHERE state IN ('delivered', 'dead')"
+                    ),
+                    timeout=30,
+                    message="every delivery finished",
+                )
+            finally:
+                stop.set()
+                await asyncio.wait_for(task, 30)
+            dead = await pool.fetch(
+                "SELECT o.event_id, d.last_error FROM webhook_deliveries d "
+                "JOIN webhook_outbox o ON o.id = d.outbox_id WHERE d.state = 'dead'"
+            )
+            assert [r["event_id"] for r in dead] == ["evt_bad"]
+            assert "unreadable row" in dead[0]["last_error"]
+            assert "0xff" not in dead[0]["last_error"]
+            assert sorted(receiver.ids()) == sorted(f"evt_{g}" for g in range(1, 11))
+        finally:
+            await pool.close()
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
