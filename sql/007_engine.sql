@@ -236,15 +236,18 @@ BEGIN
                    OR s.claim_waiter_until < now() + interval '1 second');
             CONTINUE;
         END IF;
-        IF v_waiter IS NOT NULL AND v_waiter <> p_worker THEN
-            -- Another claimer waits for this subscription's next slot: leave it free and wake
-            -- the claimers (WORK_CHANNEL in repository.py; delivered at commit).
-            PERFORM pg_notify('dispatcher_work', '');
-            CONTINUE;
-        END IF;
-        IF v_waiter = p_worker THEN
+        IF v_waiter IS NOT NULL THEN
+            -- The wait is answered once: one slot per registration, so a waiter that does
+            -- not come back for it (busy elsewhere) costs the subscription one idle slot
+            -- until the next claim, not a stall.
             UPDATE webhook_subscriptions s SET claim_waiter = NULL, claim_waiter_until = NULL
             WHERE s.id = v_sub;
+            IF v_waiter <> p_worker THEN
+                -- Another claimer waits for this subscription's next slot: leave it free and
+                -- wake the claimers (WORK_CHANNEL in repository.py; delivered at commit).
+                PERFORM pg_notify('dispatcher_work', '');
+                CONTINUE;
+            END IF;
         END IF;
         v_free := least(v_room, v_free);
         IF v_free > 0 THEN

@@ -367,3 +367,28 @@ async def test_an_unreadable_row_is_quarantined_and_the_rest_keeps_flowing(
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
+
+
+async def test_a_capped_subscriptions_next_slot_goes_to_the_replica_waiting_for_it(
+    pool: Any,
+) -> None:
+    repo = repository.Repository(pool)
+    await repo.create_subscription(
+        url="http://127.0.0.1:1/", event_types=["*"], secret=SECRET, max_in_flight=2
+    )
+    async with pool.acquire() as conn:
+        for i in range(6):
+            await dispatcher.publish(conn, "e", {"i": i})
+    await repo.route(10)
+    held_by_a = await repo.claim("a", 10, 30)
+    assert len(held_by_a) == 2
+    assert await repo.claim("b", 10, 30) == []  # at its cap: b now waits for a slot
+    # a's ack frees a slot; a's own refill in the same round trip leaves it to b, once.
+    _, refill = await repo.complete_and_claim([_ack(held_by_a[0])], "a", 10, 30)
+    assert refill == []
+    taken_by_b = await repo.claim("b", 10, 30)
+    assert len(taken_by_b) == 1
+    # The wait was answered: a's next freed slot is a's again.
+    _, refill = await repo.complete_and_claim([_ack(held_by_a[1])], "a", 10, 30)
+    assert len(refill) == 1
+    assert await _counter_drift(pool) == []
