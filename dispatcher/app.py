@@ -134,6 +134,7 @@ class Dispatcher:
         work = self.claimer = claimer.Claimer(
             repo, sender, self.metrics, s, observe=monitor.observe
         )
+        self.health.checks.append(work.not_ready_reason)
         route = router.Router(
             repo,
             self.metrics,

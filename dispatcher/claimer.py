@@ -41,6 +41,12 @@ BAD_ROW_ERRORS = (
 )
 
 
+# Consecutive failed claims after which readiness reports the process unready (the retry
+# delay doubles from 50 ms, so about 1.5 s of failing). The database may still answer pings:
+# a row or a function that breaks every claim must not look healthy.
+CLAIM_FAILURES_UNREADY = 5
+
+
 def _no_refill() -> int:
     return 0
 
@@ -254,6 +260,9 @@ class Claimer:
         self._claiming = True
         self._tasks: dict[asyncio.Task[None], delivery.Job] = {}
         self._next_due = float("inf")
+        self._claim_failures = 0
+        self._failing_since: float | None = None
+        m.claim_failing_seconds.set_function(self.claim_failing_seconds)
 
     # -- wake-ups --------------------------------------------------------------------------
 
@@ -305,7 +314,12 @@ class Claimer:
             try:
                 jobs = await self._claim(want)
                 db_delay = 0.05
+                self._claim_failures = 0
+                self._failing_since = None
             except DB_ERRORS as exc:
+                self._claim_failures += 1
+                if self._failing_since is None:
+                    self._failing_since = time.monotonic()
                 self._claimed([], want)
                 log.warning("claim_failed", error=f"{type(exc).__name__}: {exc}", retry_in=db_delay)
                 await self._idle(db_delay)
@@ -371,6 +385,18 @@ class Claimer:
                 response=None,
             )
         )
+
+    def claim_failing_seconds(self) -> float:
+        """How long claims have failed without a success (0 while they succeed)."""
+        if self._failing_since is None:
+            return 0.0
+        return time.monotonic() - self._failing_since
+
+    def not_ready_reason(self) -> str | None:
+        """For readiness: why this process cannot claim, or None."""
+        if self._claim_failures < CLAIM_FAILURES_UNREADY:
+            return None
+        return f"claims failing for {self.claim_failing_seconds():.0f}s"
 
     def _idle_timeout(self) -> float:
         until_due = self._next_due - time.monotonic()

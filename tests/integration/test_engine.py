@@ -12,6 +12,7 @@ import random
 import uuid
 from typing import Any
 
+import aiohttp
 import asyncpg
 
 import dispatcher
@@ -392,3 +393,53 @@ async def test_a_capped_subscriptions_next_slot_goes_to_the_replica_waiting_for_
     _, refill = await repo.complete_and_claim([_ack(held_by_a[1])], "a", 10, 30)
     assert len(refill) == 1
     assert await _counter_drift(pool) == []
+
+
+async def test_a_claim_loop_that_keeps_failing_shows_in_readiness_and_metrics(
+    start_dispatcher: Any, pool: Any
+) -> None:
+    """The database answers pings, but every claim fails (here: the claim function is gone)."""
+    running = await start_dispatcher()
+    base = f"http://127.0.0.1:{running.dispatcher.bound_port}"
+
+    async def probe() -> tuple[int, str, str]:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(base + "/readyz") as ready:
+                body = await ready.json()
+            async with session.get(base + "/metrics") as resp:
+                metrics_text = await resp.text()
+        return ready.status, body["reason"], metrics_text
+
+    def failing_seconds(text: str) -> float:
+        line = next(x for x in text.splitlines() if x.startswith("dispatcher_claim_failing_s"))
+        return float(line.split()[-1])
+
+    status, _, text = await probe()
+    assert status == 200
+    assert failing_seconds(text) == 0.0
+    signature = "dispatcher_claim(text, integer, double precision)"
+    await pool.execute(f"ALTER FUNCTION {signature} RENAME TO dispatcher_claim_gone")
+    try:
+        running.dispatcher.claimer.wake()
+        await support.wait_for(
+            lambda: probe_unready(probe), timeout=15, message="readiness off while claims fail"
+        )
+        _, reason, text = await probe()
+        assert reason.startswith("claims failing")
+        assert failing_seconds(text) > 0
+    finally:
+        await pool.execute(
+            "ALTER FUNCTION dispatcher_claim_gone(text, integer, double precision) "
+            "RENAME TO dispatcher_claim"
+        )
+    await support.wait_for(lambda: probe_ready(probe), timeout=15, message="ready again")
+
+
+async def probe_unready(probe: Any) -> bool:
+    status, reason, _ = await probe()
+    return status == 503 and reason.startswith("claims failing")
+
+
+async def probe_ready(probe: Any) -> bool:
+    status, _, _ = await probe()
+    return status == 200
