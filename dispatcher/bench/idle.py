@@ -26,8 +26,9 @@ SELECT $1 || g, ARRAY['idle.' || g || '.*'], $2, $3, 5
 FROM generate_series(1, $4::integer) g
 """
 _UNROUTED = """
+-- Spread evenly: event g goes to active subscription g mod $3 alone (its own event type).
 INSERT INTO webhook_outbox (event_type, payload)
-SELECT 'bench.event', jsonb_build_object('i', g, 'pad', $1::text)
+SELECT 'active.' || (g % $3::integer) || '.event', jsonb_build_object('i', g, 'pad', $1::text)
 FROM generate_series(1, $2::integer) g
 """
 
@@ -61,12 +62,19 @@ async def _one(b: core.Bench, label: str, idle: int) -> dict[str, Any]:
             options.SIGNATURE_HEADER,
             idle,
         )
-    subs: list[uuid.UUID] = await b.subs("ok", tag, o.idle_active, max_in_flight=5)
+    subs: list[uuid.UUID] = [
+        await b.db.subscribe(
+            b.receiver.url("ok", tag, i), event_types=[f"active.{i}.*"], max_in_flight=5
+        )
+        for i in range(o.idle_active)
+    ]
     await b.db.seed(subs, o.idle_events, o.payload_bytes)
     await b.db.conn.execute("ANALYZE webhook_subscriptions")
     claim_ms = await _claim_ms(b)
     await b.db.conn.execute("TRUNCATE webhook_attempts, webhook_deliveries, webhook_outbox")
-    await b.db.conn.execute(_UNROUTED, measure.payload_pad(o.payload_bytes), o.idle_events)
+    await b.db.conn.execute(
+        _UNROUTED, measure.payload_pad(o.payload_bytes), o.idle_events, o.idle_active
+    )
     fleet = b.fleet()
     fleet.start(1, tag)
     try:
