@@ -1,31 +1,22 @@
 """The producer API: put an event into the outbox on the caller's own connection.
 
 The insert joins whatever transaction the caller has open, so the event commits or rolls back
-with the business change. Nothing here talks HTTP or knows about subscriptions.
+with the business change (the statement is ``dispatcher.db.outbox.INSERT_SQL``). Nothing here
+talks HTTP or knows about subscriptions.
 """
 
 from __future__ import annotations
 
 import uuid
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 
-
-class _Executor(Protocol):
-    async def fetchval(self, query: str, *args: Any) -> Any: ...
-
-
-# Plain SQL for producers in other languages; $5 may be NULL for a generated event_id.
-INSERT_SQL = """
-INSERT INTO webhook_outbox (event_type, payload, subscription_id, ordering_key, event_id)
-VALUES ($1, $2::jsonb, $3, $4, COALESCE($5, 'evt_' || replace(gen_random_uuid()::text, '-', '')))
-RETURNING event_id
-"""
+from dispatcher.db import outbox
 
 
 async def publish(
-    conn: _Executor,
+    conn: outbox.Executor,
     event_type: str,
     payload: Any,
     *,
@@ -47,5 +38,6 @@ async def publish(
     else:
         body = orjson.dumps(payload).decode()
     sub = uuid.UUID(str(subscription_id)) if subscription_id is not None else None
-    result: str = await conn.fetchval(INSERT_SQL, event_type, body, sub, ordering_key, event_id)
-    return result
+    return await outbox.insert(
+        conn, event_type, body, subscription_id=sub, ordering_key=ordering_key, event_id=event_id
+    )

@@ -13,37 +13,10 @@ from typing import Any
 
 import orjson
 
-from dispatcher import delivery, secretbox
+from dispatcher import model, secretbox
 
 WORK_CHANNEL = "dispatcher_work"
 OUTBOX_CHANNEL = "dispatcher_outbox"
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class RouteStats:
-    events: int = 0
-    routed: int = 0
-    unmatched: int = 0
-    unknown_subscription: int = 0
-    deliveries: int = 0
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Ack:
-    """The result of one attempt, to be applied if the lease token still matches."""
-
-    delivery_id: int
-    lease_token: int
-    attempt: int
-    state: str  # delivered | retrying | dead | parked
-    delay_seconds: float | None
-    status: int | None
-    error: str | None
-    started_at: float
-    duration_ms: float
-    outcome: str
-    response: str | None
-    manual: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -231,7 +204,7 @@ SUBSCRIPTION_COLUMNS = """
 """
 
 
-def _job(row: Any, box: secretbox.SecretBox) -> delivery.Job:
+def _job(row: Any, box: secretbox.SecretBox) -> model.Job:
     # Stored secrets may be sealed (secretbox); the box caches what it opened, so a claim of
     # many deliveries for one subscription decrypts once.
     secrets = (
@@ -239,7 +212,7 @@ def _job(row: Any, box: secretbox.SecretBox) -> delivery.Job:
         if row["previous_secret"] is None
         else (box.open(row["secret"]), box.open(row["previous_secret"]))
     )
-    return delivery.Job(
+    return model.Job(
         delivery_id=row["delivery_id"],
         lease_token=row["lease_token"],
         attempt=row["attempt"],
@@ -262,7 +235,7 @@ def _job(row: Any, box: secretbox.SecretBox) -> delivery.Job:
     )
 
 
-def _ack_columns(acks: Sequence[Ack]) -> tuple[list[Any], ...]:
+def _ack_columns(acks: Sequence[model.Ack]) -> tuple[list[Any], ...]:
     """Acks as the column arrays dispatcher_ack() takes (one array per field)."""
     return (
         [a.delivery_id for a in acks],
@@ -290,10 +263,10 @@ class Repository:
 
     # -- routing ---------------------------------------------------------------------------
 
-    async def route(self, limit: int) -> RouteStats:
+    async def route(self, limit: int) -> model.RouteStats:
         rows = await self.pool.fetch(_ROUTE_SQL, limit, WORK_CHANNEL)
         results = [r["route_result"] for r in rows]
-        return RouteStats(
+        return model.RouteStats(
             events=len(rows),
             routed=results.count("routed"),
             unmatched=results.count("unmatched"),
@@ -303,7 +276,7 @@ class Repository:
 
     # -- claiming and acknowledging --------------------------------------------------------
 
-    async def claim(self, worker: str, limit: int, lease_seconds: float) -> list[delivery.Job]:
+    async def claim(self, worker: str, limit: int, lease_seconds: float) -> list[model.Job]:
         # One round trip; the locking lives in dispatcher_claim() (sql/006_claim.sql).
         rows = await self.pool.fetch(
             "SELECT * FROM dispatcher_claim($1, $2, $3)", worker, limit, lease_seconds
@@ -315,7 +288,7 @@ class Repository:
         rows = await self.pool.fetch(_CLAIM_IDS_SQL, worker, limit, lease_seconds)
         return [Lease(r[0], r[1], r[2], str(r[3]), r[4]) for r in rows]
 
-    async def jobs_for(self, leases: Sequence[Lease]) -> list[delivery.Job]:
+    async def jobs_for(self, leases: Sequence[Lease]) -> list[model.Job]:
         """The jobs of leases this worker holds (read by id; a stale lease reads nothing)."""
         rows = await self.pool.fetch(
             _JOBS_BY_ID_SQL,
@@ -327,7 +300,7 @@ class Repository:
 
     async def claim_probe(
         self, worker: str, subscription_id: str, lease_seconds: float
-    ) -> list[delivery.Job]:
+    ) -> list[model.Job]:
         """One delivery of a paused subscription, for the health probe (sql/005)."""
         rows = await self.pool.fetch(
             "SELECT * FROM dispatcher_claim_probe($1, $2, $3)",
@@ -337,14 +310,14 @@ class Repository:
         )
         return [_job(r, self.box) for r in rows]
 
-    async def ack(self, acks: Sequence[Ack], worker: str) -> set[int]:
+    async def ack(self, acks: Sequence[model.Ack], worker: str) -> set[int]:
         """Apply results; return the ids whose token still matched (the rest were stale)."""
         rows = await self.pool.fetch(_ACK_SQL, *_ack_columns(acks), worker)
         return {r[0] for r in rows}
 
     async def complete_and_claim(
-        self, acks: Sequence[Ack], worker: str, limit: int, lease_seconds: float
-    ) -> tuple[set[int], list[delivery.Job]]:
+        self, acks: Sequence[model.Ack], worker: str, limit: int, lease_seconds: float
+    ) -> tuple[set[int], list[model.Job]]:
         """Apply results and claim up to ``limit`` deliveries in one round trip (one
         transaction: a failure applies neither). → (applied ids, claimed jobs)."""
         rows = await self.pool.fetch(
@@ -356,7 +329,7 @@ class Repository:
 
     async def reclaim_expired(self, max_attempts: int) -> Reclaimed:
         rows = await self.pool.fetch(_RECLAIM_SQL, max_attempts)
-        dead = sum(1 for r in rows if r["state"] == "dead")
+        dead = sum(1 for r in rows if r["state"] == model.DeliveryState.DEAD)
         return Reclaimed(requeued=len(rows) - dead, dead=dead)
 
     async def release(self, leases: Iterable[tuple[int, int]]) -> None:
@@ -428,28 +401,14 @@ class Repository:
         )
         return [subscription_dict(r) for r in rows]
 
-    async def get_subscription(
-        self, subscription_id: str, *, include_secret: bool = False
-    ) -> dict[str, Any] | None:
-        row = await self.pool.fetchrow(
-            f"SELECT {SUBSCRIPTION_COLUMNS} FROM webhook_subscriptions WHERE id = $1",
-            uuid.UUID(subscription_id),
-        )
-        if row is None:
-            return None
-        out = subscription_dict(row)
-        if include_secret:
-            out["secret"] = self.box.open(row["secret"])
-        return out
-
     # -- health ----------------------------------------------------------------------------
 
     async def ping(self) -> None:
         await self.pool.fetchval("SELECT 1")
 
 
-def subscription_dict(row: Any, *, include_secret: bool = False) -> dict[str, Any]:
-    """A subscription as the API and CLI show it; the secret only when asked for."""
+def subscription_dict(row: Any) -> dict[str, Any]:
+    """A subscription as the API and CLI show it (never its secret)."""
     out: dict[str, Any] = {
         "id": str(row["id"]),
         "url": row["url"],
@@ -472,6 +431,4 @@ def subscription_dict(row: Any, *, include_secret: bool = False) -> dict[str, An
         ),
         "retry_policy": orjson.loads(row["retry_policy"]) if row["retry_policy"] else None,
     }
-    if include_secret:
-        out["secret"] = row["secret"]
     return out

@@ -16,7 +16,7 @@ import aiohttp
 import asyncpg
 
 import dispatcher
-from dispatcher import app
+from dispatcher import app, model
 from dispatcher.db import repository
 from tests import conftest, support
 
@@ -117,8 +117,8 @@ async def _counter_drift(pool: Any) -> list[Any]:
     )
 
 
-def _ack(job: Any, state: str = "delivered", **kw: Any) -> repository.Ack:
-    return repository.Ack(
+def _ack(job: Any, state: str = "delivered", **kw: Any) -> model.Ack:
+    return model.Ack(
         delivery_id=job.delivery_id,
         lease_token=job.lease_token,
         attempt=job.attempt,
