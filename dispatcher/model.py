@@ -58,6 +58,10 @@ class Verdict(enum.Enum):
     PERMANENT = "permanent"  # other 4xx, 3xx: retried a few times, then dead
     GONE = "gone"  # 410: disable the subscription, park its work
     BLOCKED = "blocked"  # SSRF guard refused the destination: dead at once
+    # The request cannot be built from the subscription as stored (a secret sealed under a key
+    # this process lacks, a header value HTTP refuses, a signer that fails): parked, not retried,
+    # because no retry can fix it until someone changes the configuration.
+    UNSENDABLE = "unsendable"
 
 
 class Outcome(enum.StrEnum):
@@ -69,7 +73,9 @@ class Outcome(enum.StrEnum):
     HTTP_429 = "http_429"
     TIMEOUT = "timeout"
     CONNECT_ERROR = "connect_error"
+    TLS_ERROR = "tls_error"
     BLOCKED = "blocked"
+    CONFIG_ERROR = "config_error"
     OTHER = "other"
 
 
@@ -111,6 +117,9 @@ class Job:
     # The claim was cut by the subscription's max_in_flight: when this request finishes,
     # claim for it again (its freed slot is the only signal that it can take more).
     capped: bool = False
+    # Why this row cannot be sent as stored (found while loading it, e.g. a secret sealed under
+    # a key this process does not hold); the sender then parks it without a request.
+    problem: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

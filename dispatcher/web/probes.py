@@ -58,8 +58,10 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = prom.generate_latest(request.app[REGISTRY])
-    return web.Response(body=body, headers={"Content-Type": prom.CONTENT_TYPE_LATEST})
+    # OpenMetrics when the scraper asks for it (Prometheus does by default), else text 0.0.4.
+    encode, content_type = prom.exposition.choose_encoder(request.headers.get("Accept", ""))
+    body = encode(request.app[REGISTRY])
+    return web.Response(body=body, headers={"Content-Type": content_type})
 
 
 def build_app(
@@ -67,10 +69,12 @@ def build_app(
     registry: prom.CollectorRegistry,
     *,
     api: web.Application | None = None,
+    console: web.Application | None = None,
     middlewares: Sequence[Any] = (),
 ) -> web.Application:
-    """``api`` (the admin sub-app from ``admin_api.build``) is mounted at /v1;
-    ``middlewares`` guard the probes that are not configured open (``admin_api.probe_guard``)."""
+    """``api`` (the admin sub-app from ``admin_api.build``) is mounted at /v1 and ``console``
+    (``console.pages.build``) at /ui; ``middlewares`` guard the probes that are not configured
+    open (``admin_api.probe_guard``)."""
     app = web.Application(client_max_size=1024 * 1024, middlewares=list(middlewares))
     app[READINESS] = readiness
     app[REGISTRY] = registry
@@ -79,4 +83,6 @@ def build_app(
     app.router.add_get("/metrics", metrics)
     if api is not None:
         app.add_subapp("/v1", api)
+    if console is not None:
+        app.add_subapp("/ui", console)
     return app
