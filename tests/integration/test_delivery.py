@@ -32,6 +32,8 @@ async def test_delivers_signed_request_verified_independently(
     req = receiver.requests[0]
     assert req.headers["content-type"] == "application/json"
     assert req.headers["webhook-id"] == event_id
+    # Responses are stored as sent (no automatic decompression): none is asked for.
+    assert req.headers.get("accept-encoding", "identity") == "identity"
     # Standard Webhooks, verified by the public library.
     wh = standardwebhooks.Webhook(support.SECRET)
     payload = wh.verify(
