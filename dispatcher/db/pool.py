@@ -26,6 +26,10 @@ SESSION_SETTINGS = {
     "statement_timeout": "30s",
     "lock_timeout": "10s",
     "idle_in_transaction_session_timeout": "60s",
+    # Every statement here is short. On a deep backlog the claim's generic plan is costed
+    # above jit_above_cost, and compiling it took ~45 ms against ~10 ms of running it
+    # (1 M pending deliveries, EXPLAIN ANALYZE via auto_explain).
+    "jit": "off",
 }
 
 

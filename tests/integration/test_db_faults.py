@@ -105,6 +105,18 @@ async def test_terminated_backends_are_replaced_by_the_pool(pool: Any, dsn: str)
         await dispatcher_pool.close()
 
 
+async def test_dispatcher_sessions_never_jit_compile(start_dispatcher: Any) -> None:
+    """On a deep backlog the claim's generic plan is costed above jit_above_cost, and JIT
+    compiling it took longer than running it (the bench's 1 M backlog)."""
+    running = await start_dispatcher()
+    async with running.dispatcher.pool.acquire() as conn, conn.transaction():
+        assert await conn.fetchval("SELECT current_setting('jit')") == "off"
+        # Any statement would be compiled at this threshold if JIT were allowed.
+        await conn.execute("SET LOCAL jit_above_cost = 0")
+        plan = await conn.fetch("EXPLAIN (ANALYZE) SELECT count(*) FROM webhook_deliveries")
+    assert not any("JIT" in r[0] for r in plan)
+
+
 async def test_every_dispatcher_session_carries_its_timeouts(
     dsn: str, start_dispatcher: Any
 ) -> None:
