@@ -3,13 +3,14 @@ the stop event and the staged shutdown. Nothing else creates long-lived resource
 
 Shutdown order: readiness off → stop claiming and routing → drain requests on the wire
 (bounded grace) → release leases left → flush acks → stop background loops → close HTTP
-session → close pool → stop the admin listener.
+session → export the last spans (bounded) → close pool → stop the admin listener.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from typing import Any
 
 import prometheus_client as prom
@@ -31,8 +32,9 @@ from dispatcher import (
     secretbox,
     signing,
     ssrf,
+    tracing,
 )
-from dispatcher.db import listener, management, migrate, repository
+from dispatcher.db import listener, management, migrate, repository, trace_context
 from dispatcher.db import pool as db_pool
 
 log = structlog.get_logger("dispatcher.app")
@@ -46,8 +48,11 @@ class Dispatcher:
         settings: config.Settings,
         *,
         registry: prom.CollectorRegistry | None = None,
+        tracing_settings: tracing.Settings | None = None,
     ) -> None:
         self.settings = settings
+        self.tracing_settings = tracing_settings
+        self.tracer: tracing.Tracer = tracing.OFF
         self.registry = registry or prom.CollectorRegistry()
         self.metrics = metrics.Metrics(
             self.registry, max_subscriptions=settings.metrics_max_subscriptions, version=__version__
@@ -127,8 +132,13 @@ class Dispatcher:
             submit=lambda job: work.submit(job),  # noqa: PLW0108
             wake=lambda: work.wake(),  # noqa: PLW0108
         )
+        tracer = self.tracer = tracing.start(
+            self.tracing_settings,
+            version=__version__,
+            fetch_contexts=functools.partial(trace_context.for_deliveries, self.pool),
+        )
         work = self.claimer = claimer.Claimer(
-            repo, sender, self.metrics, s, observe=monitor.observe
+            repo, sender, self.metrics, s, observe=monitor.observe, tracer=tracer
         )
         route = router.Router(
             repo,
@@ -136,6 +146,7 @@ class Dispatcher:
             batch=s.route_batch,
             poll_interval_seconds=s.poll_interval_seconds,
             on_routed=work.wake,
+            tracer=tracer,
         )
         reaper = router.Reaper(
             repo,
@@ -211,6 +222,7 @@ class Dispatcher:
                 task.cancel()
             await session.close()
             await resolver.close()  # aiohttp does not close a resolver it was given
+            await tracer.shutdown()
             await runner.cleanup()
             log.info("dispatcher_stopped", released=released, stale_acks=work.acks.stale)
 

@@ -18,7 +18,7 @@ from typing import Any
 import asyncpg
 import structlog
 
-from dispatcher import backoff, config, delivery, errors, limiter, metrics
+from dispatcher import backoff, config, delivery, errors, limiter, metrics, tracing
 from dispatcher.db import pool as db_pool
 from dispatcher.db import repository
 
@@ -169,8 +169,10 @@ class Claimer:
         *,
         rand: Callable[[], float] = random.random,
         observe: Callable[[delivery.Job, errors.AttemptResult], None] | None = None,
+        tracer: tracing.Tracer = tracing.OFF,
     ) -> None:
         self._repo = repo
+        self._tracer = tracer
         # Every attempt's result goes to the health monitor (dispatcher/health.py).
         self._observe = observe
         self._sender = sender
@@ -250,6 +252,8 @@ class Claimer:
                 await self._idle(db_delay)
                 db_delay = min(db_delay * 2, 5.0)
                 continue
+            if self._tracer.enabled:
+                await self._tracer.load_contexts(jobs)
             for job in jobs:
                 self._start(job)
             self._backlogged = len(jobs) == want
@@ -297,8 +301,9 @@ class Claimer:
         in_flight = children.in_flight
         in_flight.inc()
         started_at = time.time()
+        span = self._tracer.attempt(job)
         try:
-            result = await self._sender.send(job)
+            result = await self._sender.send(job, span.headers)
         except Exception as exc:  # a sender bug must not strand the delivery
             log.exception("sender_crashed", delivery_id=job.delivery_id)
             result = errors.AttemptResult(
@@ -310,7 +315,7 @@ class Claimer:
             )
         finally:
             in_flight.dec()
-        await self._conclude(job, result, started_at, children)
+        await self._conclude(job, result, started_at, children, span)
 
     async def _conclude(
         self,
@@ -318,14 +323,17 @@ class Claimer:
         result: errors.AttemptResult,
         started_at: float,
         children: _Children,
+        span: tracing.Attempt,
     ) -> None:
         children.attempts(result.outcome.value).inc()
         children.attempt_duration.observe(result.duration_seconds)
         now = time.time()
         state, delay, error = self._decide(job, result, now)
+        span.finish(result, state)
         if state == "delivered":
             children.delivered.inc()
-            children.delivery_latency.observe(max(0.0, now - job.event_created_at))
+            # With tracing on, the trace id rides along as an OpenMetrics exemplar.
+            children.delivery_latency.observe(max(0.0, now - job.event_created_at), span.exemplar())
         elif state == "dead":
             children.dead.inc()
         elif state == "retrying":

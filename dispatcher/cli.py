@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from dispatcher import config, logs, secretbox, ssrf
+from dispatcher import config, logs, secretbox, ssrf, tracing
 from dispatcher.db import migrate
 
 # Every environment variable the CLI reads: name → (default, meaning). The README's
@@ -91,6 +91,22 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "DISPATCHER_RETENTION_INTERVAL": ("60", "seconds between retention passes"),
     "DISPATCHER_LOG_LEVEL": ("info", "debug, info, warning, error"),
     "DISPATCHER_LOG_FORMAT": ("auto", "json, console, or auto (console on a terminal)"),
+    # OpenTelemetry's own variables (dispatcher/tracing.py); tracing is off without an endpoint.
+    "OTEL_EXPORTER_OTLP_ENDPOINT": (
+        "",
+        "OpenTelemetry collector base URL (OTLP/HTTP; /v1/traces is appended); empty = tracing off",
+    ),
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": ("", "full OTLP/HTTP traces URL; wins over the base"),
+    "OTEL_EXPORTER_OTLP_PROTOCOL": ("http/protobuf", "the only protocol supported"),
+    "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": ("http/protobuf", "the same, for traces only"),
+    "OTEL_SERVICE_NAME": ("dispatcher", "service.name on every span"),
+    "OTEL_TRACES_SAMPLER": (
+        "parentbased_always_on",
+        "always_on, always_off, traceidratio or parentbased_* of those",
+    ),
+    "OTEL_TRACES_SAMPLER_ARG": ("1.0", "sampled share for the traceidratio samplers"),
+    "OTEL_BSP_SCHEDULE_DELAY": ("5000", "milliseconds between span exports"),
+    "OTEL_SDK_DISABLED": ("false", "true: no tracing, whatever else is set"),
     "AGENT_LISTEN": ("127.0.0.1:8000", "`dispatcher agent`: the lead-qualification API"),
     "AGENT_WEBHOOK_SECRET": (
         "(required)",
@@ -311,6 +327,7 @@ def install_signal_handlers(stop: asyncio.Event) -> None:
 def cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from dispatcher import app  # noqa: PLC0415
 
+    traces = tracing.settings_from_env(env)  # a bad OTEL_* value fails before anything starts
     with database(env) as dsn:
         settings = settings_from_env(env, dsn)
         if args.migrate:
@@ -319,7 +336,7 @@ def cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         async def main() -> None:
             stop = asyncio.Event()
             install_signal_handlers(stop)
-            await app.Dispatcher(settings).run(stop)
+            await app.Dispatcher(settings, tracing_settings=traces).run(stop)
 
         try:
             _run(main())

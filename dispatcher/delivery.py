@@ -114,12 +114,18 @@ class Sender:
         headers.update(signing.sign(signers, item))
         return headers
 
-    async def send(self, job: Job) -> errors.AttemptResult:
+    async def send(
+        self, job: Job, trace_headers: Mapping[str, str] | None = None
+    ) -> errors.AttemptResult:
+        """``trace_headers``: the attempt span's ``traceparent``/``tracestate`` (tracing on);
+        set after the subscription's custom headers, so those cannot forge them."""
         started = time.monotonic()
         try:
             if self._guard is not None:
                 self._guard(job.url)
             headers = self.build_headers(job, int(self._clock()))
+            if trace_headers:
+                headers.update(trace_headers)
             # ClientTimeout(total=…) bounds the whole attempt, body read included (a trickling
             # body is cut at the deadline: tests/chaos); a second asyncio.timeout cost ~3 % CPU.
             return await self._post(job, headers, started)

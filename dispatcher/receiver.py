@@ -3,8 +3,10 @@
 For people on the receiving end (DESIGN.md, contract 2). It checks the Standard Webhooks
 headers (with secret rotation on either side), the optional body-only ``sha256=<hex>``
 header, remembers ``webhook-id`` values so at-least-once delivery is processed once, and
-wraps all of it in an aiohttp handler. It must not log or echo secrets, signatures or bodies,
-and it never reaches into dispatcher's own tables or configuration.
+wraps all of it in an aiohttp handler, which continues the request's W3C ``traceparent`` in a
+server span when OpenTelemetry is installed (so ``process`` runs inside the sender's trace). It
+must not log or echo secrets, signatures or bodies, and it never reaches into dispatcher's own
+tables or configuration.
 
 Exception hierarchy::
 
@@ -31,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from aiohttp import web
 
-from dispatcher import signing
+from dispatcher import signing, tracing
 
 if TYPE_CHECKING:
     import asyncpg
@@ -371,6 +373,13 @@ def webhook_handler(
     in_progress: set[str] = set()
 
     async def handle(request: web.Request) -> web.StreamResponse:
+        with tracing.continued(request.headers, "webhook receive") as span:
+            response = await verified_once(request)
+            if span is not None:
+                span.set_attribute("http.response.status_code", response.status)
+            return response
+
+    async def verified_once(request: web.Request) -> web.StreamResponse:
         body = await request.read()
         try:
             verified = verifier.verify(request.headers, body)

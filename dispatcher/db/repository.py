@@ -26,6 +26,8 @@ class RouteStats:
     unmatched: int = 0
     unknown_subscription: int = 0
     deliveries: int = 0
+    # (traceparent, tracestate) of the routed events that carry a trace context.
+    traced: tuple[tuple[str, str | None], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -92,7 +94,8 @@ SET routed_at = now(),
         ELSE 'unmatched' END
 FROM batch b
 WHERE o.id = b.id
-RETURNING o.route_result, o.delivery_count, (SELECT count(*) FROM created) AS created
+RETURNING o.route_result, o.delivery_count, (SELECT count(*) FROM created) AS created,
+          o.traceparent, o.tracestate
 """
 
 _ACK_SQL = """
@@ -256,6 +259,7 @@ class Repository:
             unmatched=results.count("unmatched"),
             unknown_subscription=results.count("unknown_subscription"),
             deliveries=rows[0]["created"] if rows else 0,
+            traced=tuple((r["traceparent"], r["tracestate"]) for r in rows if r["traceparent"]),
         )
 
     # -- claiming and acknowledging --------------------------------------------------------
