@@ -21,9 +21,13 @@ from opentelemetry.sdk.trace import TracerProvider
 import dispatcher
 from dispatcher import receiver as receiver_toolkit
 from dispatcher import tracing
+from dispatcher.agent import steps
 from dispatcher.db import management, repository
 from tests import otlp, support
 from tests.conftest import Running
+from tests.integration.test_agent_flow import start_agent
+
+__all__ = ["start_agent"]  # the fixture, imported for pytest
 
 SECRET = "whsec_" + "dHJhY2luZy1zZWNyZXQtMDEyMzQ1Njc4OQ=="
 PAYLOAD_MARKER = "payload-marker-7f3a9c"
@@ -352,3 +356,63 @@ async def test_the_cli_reads_opentelemetrys_variables(
         proc.send_signal(signal.SIGTERM)
         await asyncio.to_thread(proc.wait, 30)
     assert proc.returncode == 0
+
+
+async def _submit_job(agent: Any, webhook_url: str, headers: dict[str, str]) -> str:
+    body = {
+        "prospects": [{"email": "ana@stripe.com"}, {"email": "raj@acme.io"}],
+        "criteria": {"min_company_size": 50, "industry": "tech"},
+        "webhook_url": webhook_url,
+    }
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{agent.url}/api/v1/lead-qualification", json=body, headers=headers) as resp,
+    ):
+        assert resp.status == 202, await resp.text()
+        job_id: str = (await resp.json())["job_id"]
+        return job_id
+
+
+async def test_the_agents_callbacks_continue_the_callers_trace(
+    pool: Any,
+    receiver: support.Receiver,
+    traced: Any,
+    collector: otlp.Collector,
+    start_agent: Any,
+) -> None:
+    await traced()
+    agent = await start_agent()
+    with APP_TRACER.start_as_current_span("qualify leads") as caller:
+        ctx = caller.get_span_context()
+        trace_id, span_id = f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}"
+        incoming = {"traceparent": f"00-{trace_id}-{span_id}-01", "tracestate": "shop=1"}
+        job_id = await _submit_job(agent, receiver.url, incoming)
+    spans: list[otlp.Span] = []
+    for key in ("enrichment", "criteria", "scoring"):
+        spans += await collector.wait_attempts(steps.event_id(job_id, key), 1)
+    assert {(s.trace_id, s.parent_span_id) for s in spans} == {(trace_id, span_id)}
+    assert [s.attributes["webhook.event_type"] for s in spans] == [
+        steps.EVENT_PROGRESS,
+        steps.EVENT_PROGRESS,
+        steps.EVENT_COMPLETE,
+    ]
+    for request in receiver.requests:
+        assert request.headers["traceparent"].startswith(f"00-{trace_id}-")
+        assert request.headers["tracestate"] == "shop=1"
+
+
+async def test_the_agent_ignores_a_malformed_traceparent(
+    pool: Any, receiver: support.Receiver, start_agent: Any
+) -> None:
+    agent = await start_agent()
+    job_id = await _submit_job(agent, receiver.url, {"traceparent": "00-nonsense-01"})
+    await support.wait_for(
+        lambda: pool.fetchval(
+            "SELECT count(*) = 3 FROM webhook_outbox WHERE event_id LIKE $1", f"{job_id}:%"
+        ),
+        message="three callbacks published",
+    )
+    stored = await pool.fetch(
+        "SELECT traceparent, tracestate FROM webhook_outbox WHERE event_id LIKE $1", f"{job_id}:%"
+    )
+    assert [tuple(r) for r in stored] == [(None, None)] * 3
