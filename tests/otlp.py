@@ -7,8 +7,12 @@ keeps every span and every raw request body, so tests can look for spans and for
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import contextlib
 import dataclasses
 import gzip
+import sys
 from typing import Any
 
 from aiohttp import web
@@ -73,12 +77,12 @@ class Collector:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    async def start(self) -> Collector:
+    async def start(self, port: int = 0) -> Collector:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/traces", self._export)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        await web.TCPSite(self._runner, "127.0.0.1", port).start()
         self.port = self._runner.addresses[0][1]
         return self
 
@@ -143,3 +147,21 @@ class Collector:
             message=f"{count} attempt span(s) of {event_id}",
         )
         return self.attempts(event_id)
+
+
+async def _serve(port: int) -> None:
+    """Run a collector on 127.0.0.1:``port`` until interrupted, then print what it received."""
+    collector = await Collector().start(port)
+    print(f"OTLP/HTTP traces endpoint on {collector.url}", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        names = dict(collections.Counter(s.name for s in collector.spans))
+        print(f"{len(collector.spans)} spans in {len(collector.bodies)} exports: {names}")
+        await collector.stop()
+
+
+if __name__ == "__main__":
+    # For `dispatcher bench` with tracing on: python -m tests.otlp [PORT]
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve(int(sys.argv[1]) if len(sys.argv) > 1 else 4318))
