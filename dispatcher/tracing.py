@@ -322,18 +322,22 @@ class _Attempt:
         span = self._span
         if span.is_recording():
             status = result.status
+            attributes: dict[str, Any] = {
+                "webhook.outcome": result.outcome.value,
+                "webhook.state": state,
+            }
             if status is not None:
-                span.set_attribute("http.response.status_code", status)
-            span.set_attribute("webhook.outcome", result.outcome.value)
-            span.set_attribute("webhook.state", state)
+                attributes["http.response.status_code"] = status
             if result.verdict is not errors.Verdict.DELIVERED:
                 from opentelemetry import trace  # noqa: PLC0415
 
                 # The status code for an HTTP answer, else the outcome label (timeout,
                 # connect_error, blocked, other). Never the error text: it may quote a URL.
-                kind = str(status) if status is not None else result.outcome.value
-                span.set_attribute("error.type", kind)
+                attributes["error.type"] = (
+                    str(status) if status is not None else result.outcome.value
+                )
                 span.set_status(trace.StatusCode.ERROR)
+            span.set_attributes(attributes)  # one call: each takes the span's lock
         span.end()
 
     def exemplar(self) -> dict[str, str] | None:
@@ -434,8 +438,9 @@ class Tracing:
             "webhook.subscription": job.subscription_id,
             "webhook.delivery_id": job.delivery_id,
             "webhook.attempt": job.attempt,
-            "webhook.manual": job.manual,
         }
+        if job.manual:
+            attributes["webhook.manual"] = True
         if host is not None:
             attributes["server.address"] = host
         if port is not None:

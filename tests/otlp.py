@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import dataclasses
 import gzip
+import signal
 import sys
 from typing import Any
 
@@ -153,8 +153,11 @@ async def _serve(port: int) -> None:
     """Run a collector on 127.0.0.1:``port`` until interrupted, then print what it received."""
     collector = await Collector().start(port)
     print(f"OTLP/HTTP traces endpoint on {collector.url}", flush=True)
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     try:
-        await asyncio.Event().wait()
+        await stop.wait()
     finally:
         names = dict(collections.Counter(s.name for s in collector.spans))
         print(f"{len(collector.spans)} spans in {len(collector.bodies)} exports: {names}")
@@ -162,6 +165,5 @@ async def _serve(port: int) -> None:
 
 
 if __name__ == "__main__":
-    # For `dispatcher bench` with tracing on: python -m tests.otlp [PORT]
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(int(sys.argv[1]) if len(sys.argv) > 1 else 4318))
+    # For `dispatcher bench` with tracing on: python -m tests.otlp [PORT]; stop with SIGTERM.
+    asyncio.run(_serve(int(sys.argv[1]) if len(sys.argv) > 1 else 4318))
