@@ -30,7 +30,7 @@ DASHBOARDS = {
     "dispatcher-subscription": ROOT / "grafana" / "dashboards" / "subscription.json",
 }
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
-RUNBOOK_PREFIX = "https://github.com/dispatcher-dev/dispatcher/blob/main/README.md#runbook-"
+RUNBOOK_PREFIX = "https://github.com/dispatcher-dev/dispatcher/blob/main/docs/runbook.md#"
 SEVERITIES = {"critical", "warning", "info"}
 
 # Metrics with a `subscription` label: on the drill-down every selector of these must filter.
