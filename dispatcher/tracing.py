@@ -319,6 +319,12 @@ class _Attempt:
         self.headers: Mapping[str, str] | None = headers
 
     def finish(self, result: errors.AttemptResult, state: str) -> None:
+        try:
+            self._finish(result, state)
+        except Exception as exc:  # telemetry trouble is logged, never the delivery's
+            log.error("trace_finish_failed", error=type(exc).__name__)
+
+    def _finish(self, result: errors.AttemptResult, state: str) -> None:
         span = self._span
         if span.is_recording():
             status = result.status
@@ -409,6 +415,15 @@ class Tracing:
         self._pending.update(found)
 
     def attempt(self, job: Any) -> Attempt:
+        """The attempt's span (``_NO_ATTEMPT`` if OpenTelemetry fails: the request goes out
+        untraced rather than not at all)."""
+        try:
+            return self._attempt(job)
+        except Exception as exc:  # telemetry trouble is logged, never the delivery's
+            log.error("trace_attempt_failed", error=type(exc).__name__)
+            return _NO_ATTEMPT
+
+    def _attempt(self, job: Any) -> Attempt:
         traceparent: str | None = getattr(job, "traceparent", None)
         tracestate: str | None = getattr(job, "tracestate", None)
         if traceparent is None:
@@ -462,6 +477,14 @@ class Tracing:
     ) -> None:
         """One span for a routing batch, linking the traced events it routed (``traced``:
         (traceparent, tracestate) pairs; the SDK keeps the first 128 links)."""
+        try:
+            self._routed(started_ns, ended_ns, counts, traced)
+        except Exception as exc:  # telemetry trouble is logged, never the router's
+            log.error("trace_route_failed", error=type(exc).__name__)
+
+    def _routed(
+        self, started_ns: int, ended_ns: int, counts: Mapping[str, int], traced: Sequence[Any]
+    ) -> None:
         links = []
         for traceparent, tracestate in traced:
             origin = _remote_context(traceparent, tracestate)

@@ -171,3 +171,32 @@ def test_the_cli_refuses_a_grpc_exporter_with_one_line() -> None:
     assert proc.stderr.strip().splitlines() == [
         "dispatcher: error: OTEL_EXPORTER_OTLP_PROTOCOL='grpc': only http/protobuf is supported"
     ]
+
+
+def test_an_opentelemetry_failure_never_costs_the_delivery() -> None:
+    """A job the SDK chokes on goes out untraced; a result it chokes on is only logged."""
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    tracer = tracing.Tracing(
+        tracing.Settings(endpoint="http://127.0.0.1:9/v1/traces"), version="0", exporter=exporter
+    )
+    broken = tracer.attempt(object())  # no delivery_id, url, …
+    assert broken.headers is None
+    assert broken.exemplar() is None
+
+    class Job:
+        delivery_id = 1
+        url = "http://127.0.0.1:8080/hook"
+        event_id = "evt_1"
+        event_type = "order.paid"
+        subscription_id = "sub"
+        attempt = 1
+        manual = False
+
+    attempt = tracer.attempt(Job())
+    assert attempt.headers is not None
+    assert attempt.headers["traceparent"].startswith("00-")
+    attempt.finish(None, "delivered")  # type: ignore[arg-type]
+    tracer.routed(0, 1, {"events": 1}, [("not a traceparent", None), None])
+    tracer.provider.shutdown()
