@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -416,3 +418,75 @@ async def test_the_agent_ignores_a_malformed_traceparent(
         "SELECT traceparent, tracestate FROM webhook_outbox WHERE event_id LIKE $1", f"{job_id}:%"
     )
     assert [tuple(r) for r in stored] == [(None, None)] * 3
+
+
+RECORDING_RECEIVER = """
+import asyncio, datetime, json, time
+import aiohttp, standardwebhooks
+from aiohttp import web
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from dispatcher import receiver
+
+exporter = InMemorySpanExporter()
+provider = TracerProvider()
+provider.add_span_processor(SimpleSpanProcessor(exporter))
+trace.set_tracer_provider(provider)  # the receiving application's own OpenTelemetry setup
+SECRET = {secret!r}
+PARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+async def main():
+    inside = []
+
+    async def process(payload, headers):
+        inside.append(trace.get_current_span().get_span_context())
+
+    app = web.Application()
+    app.router.add_post("/hook", receiver.webhook_handler(
+        receiver.Verifier(SECRET), receiver.MemoryIdempotencyStore(), process))
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    body = json.dumps({{"n": 1}}).encode()
+    now = int(time.time())
+    signer = standardwebhooks.Webhook(SECRET)
+    signature = signer.sign("evt_1", datetime.datetime.fromtimestamp(now), body.decode())
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"http://127.0.0.1:{{port}}/hook", data=body, headers={{
+            "webhook-id": "evt_1", "webhook-timestamp": str(now), "webhook-signature": signature,
+            "content-type": "application/json", "traceparent": PARENT, "tracestate": "v=1",
+        }}) as resp:
+            assert resp.status == 200, await resp.text()
+    await runner.cleanup()
+    (span,) = exporter.get_finished_spans()
+    assert span.kind == trace.SpanKind.SERVER, span.kind
+    assert f"{{span.context.trace_id:032x}}" == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert f"{{span.parent.span_id:016x}}" == "00f067aa0ba902b7"
+    assert span.parent.is_remote
+    assert span.context.trace_state.get("v") == "1"
+    assert span.attributes["http.response.status_code"] == 200
+    assert inside == [span.context], (inside, span.context)
+    print("ok")
+
+asyncio.run(main())
+"""
+
+
+def test_the_receiver_toolkit_records_a_server_span_under_the_applications_provider() -> None:
+    """With the receiving application's own SDK set up globally (a separate process: the
+    global provider can be set once), the handler records a SERVER span whose parent is the
+    dispatcher's attempt span, and ``process`` runs inside it."""
+    result = subprocess.run(
+        [sys.executable, "-c", RECORDING_RECEIVER.format(secret=SECRET)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=support.ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
