@@ -59,6 +59,9 @@ _URL_CACHE_MAX = 4096
 # Trace contexts fetched for claimed jobs and not yet picked up by an attempt.
 _PENDING_MAX = 100_000
 SHUTDOWN_TIMEOUT_SECONDS = 5.0
+# Exemplar label names: Grafana's exemplar links (grafana/provisioning) look for trace_id.
+EXEMPLAR_TRACE_ID = "trace_id"
+EXEMPLAR_SPAN_ID = "span_id"
 
 
 # -- W3C values ------------------------------------------------------------------------------
@@ -351,8 +354,8 @@ class _Attempt:
         if not span_context.trace_flags.sampled:
             return None  # an unsampled trace is never exported: nothing to jump to
         return {
-            "trace_id": f"{span_context.trace_id:032x}",
-            "span_id": f"{span_context.span_id:016x}",
+            EXEMPLAR_TRACE_ID: f"{span_context.trace_id:032x}",
+            EXEMPLAR_SPAN_ID: f"{span_context.span_id:016x}",
         }
 
 

@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 import yaml
 
-from dispatcher import cli
+from dispatcher import cli, tracing
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -272,6 +272,7 @@ def test_compose_has_the_whole_stack() -> None:
         "prometheus",
         "grafana",
         "otel-collector",
+        "tempo",
     }
     for name in ("migrate", "dispatcher", "agent", "receiver"):
         assert services[name]["image"] == "dispatcher:local", name
@@ -479,9 +480,59 @@ def test_collector_config_is_valid_and_receives_the_dispatchers_traces() -> None
     assert "otel-collector" in dispatcher["depends_on"]
 
 
-def tracing_settings(endpoint: str) -> Any:
-    from dispatcher import tracing
+def test_traces_flow_on_to_tempo_and_grafana_links_exemplars_to_them() -> None:
+    services = _compose()["services"]
+    collector_config = _load(COLLECTOR_CONFIG)
+    tempo_service = services["tempo"]
+    image, _, tag = tempo_service["image"].rpartition(":")
+    assert image == "grafana/tempo"
+    assert re.fullmatch(r"\d+\.\d+\.\d+", tag), tag
+    (flag,) = tempo_service["command"]
+    mounts = dict(v.split(":")[:2] for v in tempo_service["volumes"])
+    assert mounts["./tempo.yaml"] == flag.removeprefix("-config.file=")
+    tempo = _load(DEPLOY / "tempo.yaml")
+    assert set(tempo) <= {
+        "stream_over_http_enabled",
+        "server",
+        "distributor",
+        "storage",
+        "compactor",
+        "ingester",
+    }
+    # The collector's exporter reaches Tempo's OTLP/HTTP receiver on a shared network.
+    exporter = collector_config["exporters"]["otlphttp/tempo"]["endpoint"]
+    host, port = exporter.removeprefix("http://").split(":")
+    assert host == "tempo"
+    listen = tempo["distributor"]["receivers"]["otlp"]["protocols"]["http"]["endpoint"]
+    assert listen == f"0.0.0.0:{port}"
+    assert set(tempo_service["networks"]) & set(services["otel-collector"]["networks"])
+    assert "otlphttp/tempo" in collector_config["service"]["pipelines"]["traces"]["exporters"]
+    storage = tempo["storage"]["trace"]
+    assert storage["backend"] == "local"
+    # The image runs as a non-root user and no volume is mounted there: /tmp is writable.
+    assert storage["local"]["path"].startswith("/tmp/")
+    assert storage["wal"]["path"].startswith("/tmp/")
+    # Grafana: the Tempo datasource points at Tempo's HTTP port; Prometheus exemplars link
+    # their trace_id label (what the dispatcher attaches) to it by uid.
+    provisioning = ROOT / "grafana" / "provisioning" / "datasources"
+    (tempo_ds,) = _load(provisioning / "tempo.yaml")["datasources"]
+    assert tempo_ds["url"] == f"http://tempo:{tempo['server']['http_listen_port']}"
+    assert tempo_ds["type"] == "tempo"
+    (prometheus_ds,) = _load(provisioning / "prometheus.yaml")["datasources"]
+    (link,) = prometheus_ds["jsonData"]["exemplarTraceIdDestinations"]
+    assert link["name"] == tracing.EXEMPLAR_TRACE_ID
+    assert link["datasourceUid"] == tempo_ds["uid"]
+    assert tempo_ds["jsonData"]["tracesToMetrics"]["datasourceUid"] == prometheus_ds["uid"]
+    assert "tempo" in services["grafana"]["depends_on"]
+    # …and the end-to-end latency panel asks for the exemplars, on both dashboards.
+    for name in ("overview.json", "subscription.json"):
+        dashboard = json.loads((ROOT / "grafana" / "dashboards" / name).read_text())
+        (panel,) = [p for p in dashboard["panels"] if p["title"] == "End-to-end latency"]
+        assert all(t.get("exemplar") is True for t in panel["targets"]), name
+        assert all("dispatcher_delivery_latency_seconds" in t["expr"] for t in panel["targets"])
 
+
+def tracing_settings(endpoint: str) -> Any:
     settings = tracing.settings_from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint})
     assert settings is not None
     return settings
