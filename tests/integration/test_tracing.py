@@ -35,6 +35,7 @@ SECRET = "whsec_" + "dHJhY2luZy1zZWNyZXQtMDEyMzQ1Njc4OQ=="
 PAYLOAD_MARKER = "payload-marker-7f3a9c"
 URL_PASSWORD = "url-password-51b2"
 URL_TOKEN = "url-token-c94e"
+VALID_PARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
 @pytest.fixture
@@ -490,3 +491,20 @@ def test_the_receiver_toolkit_records_a_server_span_under_the_applications_provi
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+async def test_publish_refuses_a_malformed_explicit_context_and_writes_nothing(pool: Any) -> None:
+    async with pool.acquire() as conn:
+        with pytest.raises(ValueError, match="not a W3C traceparent"):
+            await dispatcher.publish(conn, "order.paid", {}, traceparent="00-abc-def-01")
+        with pytest.raises(ValueError, match="tracestate"):
+            await dispatcher.publish(
+                conn, "order.paid", {}, traceparent=VALID_PARENT, tracestate="x" * 600
+            )
+        # Outside any span and without arguments: no context stored.
+        event_id = await dispatcher.publish(conn, "order.paid", {})
+    assert await pool.fetchval("SELECT count(*) FROM webhook_outbox") == 1
+    stored = await pool.fetchrow(
+        "SELECT traceparent, tracestate FROM webhook_outbox WHERE event_id = $1", event_id
+    )
+    assert tuple(stored) == (None, None)
