@@ -12,6 +12,9 @@ What it records when on (a ``Tracing`` built by the composition root):
 * a ``webhook.route`` span per routing batch, linking the traced events it routed;
 * the ``traceparent``/``tracestate`` headers of the attempt span, for the request.
 
+For the receiving side, ``continued()`` runs the receiver toolkit's handler in a server span
+under the receiving application's own (global) tracer provider.
+
 It must not read ``os.environ`` (the CLI hands it the environment), must never put a secret,
 a signature, a header value or a body on a span, and a malformed stored trace context only
 means a new trace: nothing here may fail or delay a delivery.
