@@ -11,7 +11,6 @@ from typing import Any
 
 import prometheus_client as prom
 from aiohttp import web
-from prometheus_client.openmetrics import exposition as openmetrics
 
 READY_TIMEOUT_SECONDS = 2.0
 
@@ -52,14 +51,9 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    # OpenMetrics when the scraper asks for it (Prometheus does): only that format carries
-    # exemplars, the trace ids on the delivery-latency histogram.
-    if "application/openmetrics-text" in request.headers.get("Accept", ""):
-        body = openmetrics.generate_latest(request.app[REGISTRY])  # type: ignore[no-untyped-call]
-        content_type = openmetrics.CONTENT_TYPE_LATEST
-    else:
-        body = prom.generate_latest(request.app[REGISTRY])
-        content_type = prom.CONTENT_TYPE_LATEST
+    # OpenMetrics when the scraper asks for it (Prometheus does by default), else text 0.0.4.
+    encode, content_type = prom.exposition.choose_encoder(request.headers.get("Accept", ""))
+    body = encode(request.app[REGISTRY])
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 
