@@ -373,13 +373,6 @@ def webhook_handler(
     in_progress: set[str] = set()
 
     async def handle(request: web.Request) -> web.StreamResponse:
-        with tracing.continued(request.headers, "webhook receive") as span:
-            response = await verified_once(request)
-            if span is not None:
-                span.set_attribute("http.response.status_code", response.status)
-            return response
-
-    async def verified_once(request: web.Request) -> web.StreamResponse:
         body = await request.read()
         try:
             verified = verifier.verify(request.headers, body)
@@ -413,4 +406,18 @@ def webhook_handler(
             in_progress.discard(webhook_id)
         return web.json_response({"status": "ok"})
 
-    return handle
+    return _continuing_trace(handle)
+
+
+def _continuing_trace(handler: typedefs.Handler) -> typedefs.Handler:
+    """``handler`` inside a server span that continues the request's ``traceparent`` (under
+    the application's own tracer provider); as it is without OpenTelemetry installed."""
+
+    async def traced(request: web.Request) -> web.StreamResponse:
+        with tracing.continued(request.headers, "webhook receive") as span:
+            response = await handler(request)
+            if span is not None:
+                span.set_attribute("http.response.status_code", response.status)
+            return response
+
+    return traced
