@@ -28,6 +28,7 @@ import dataclasses
 import importlib.util
 import re
 import sys
+import threading
 import urllib.parse
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
@@ -513,11 +514,28 @@ class Tracing:
         return await asyncio.to_thread(self.provider.force_flush, int(timeout_seconds * 1000))
 
     async def shutdown(self) -> None:
-        """Export what is left, bounded: an unreachable collector must not hold up the exit."""
+        """Export what is left, bounded: an unreachable collector must not hold up the exit.
+
+        The SDK's shutdown retries a dead collector for up to 30 s; it runs in a daemon thread
+        (an executor thread would be joined at interpreter exit) that is left behind after
+        ``SHUTDOWN_TIMEOUT_SECONDS``."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def finished() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        def run() -> None:
+            try:
+                self.provider.shutdown()
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop may be gone by now
+                    loop.call_soon_threadsafe(finished)
+
+        threading.Thread(target=run, name="otel-shutdown", daemon=True).start()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(
-                asyncio.to_thread(self.provider.shutdown), SHUTDOWN_TIMEOUT_SECONDS
-            )
+            await asyncio.wait_for(done, SHUTDOWN_TIMEOUT_SECONDS)
 
 
 def _sampler(settings: Settings) -> Any:

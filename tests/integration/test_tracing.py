@@ -508,3 +508,37 @@ async def test_publish_refuses_a_malformed_explicit_context_and_writes_nothing(p
         "SELECT traceparent, tracestate FROM webhook_outbox WHERE event_id = $1", event_id
     )
     assert tuple(stored) == (None, None)
+
+
+async def test_an_unreachable_collector_delays_neither_delivery_nor_shutdown(
+    dsn: str, pool: Any, receiver: support.Receiver, tmp_path: Path
+) -> None:
+    await _subscribe(pool, receiver.url)
+    dead_port = support.free_port()  # nothing listens there
+    proc = support.spawn_dispatcher(
+        dsn,
+        extra_env={
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{dead_port}",
+            "OTEL_BSP_SCHEDULE_DELAY": "50",
+        },
+        log_path=tmp_path / "dispatcher.log",
+    )
+    try:
+        ids = [(await _publish_in_span(pool))[0] for _ in range(20)]
+        await support.wait_for(
+            lambda: sorted(receiver.ids()) == sorted(ids), timeout=30, message="all delivered"
+        )
+        # Let the exporter hit the dead collector (it retries for up to 30 s per batch).
+        await support.wait_for(
+            lambda: "Transient error" in (tmp_path / "dispatcher.log").read_text(),
+            timeout=15,
+            message="a failed export",
+        )
+    finally:
+        stopping = asyncio.get_running_loop().time()
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(proc.wait, 40)
+    took = asyncio.get_running_loop().time() - stopping
+    assert proc.returncode == 0
+    # The drain (nothing in flight) plus the bounded span flush; the SDK alone would wait 30 s.
+    assert took < tracing.SHUTDOWN_TIMEOUT_SECONDS + 8, took
