@@ -56,7 +56,8 @@ RUNTIME_ENV = {
     "PYTHONUNBUFFERED",
 }
 # The bounded shutdown stages after the drain (app.Dispatcher._serve: claimer 5 s, result
-# flush 10 s, background loops 5 s) plus slack for the pool and the process to exit.
+# flush 10 s, background loops 5 s, span export 5 s) plus slack for the pool and the process
+# to exit.
 SHUTDOWN_OVERHEAD_SECONDS = 30
 
 
