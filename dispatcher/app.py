@@ -48,10 +48,8 @@ class Dispatcher:
         settings: config.Settings,
         *,
         registry: prom.CollectorRegistry | None = None,
-        tracing_settings: tracing.Settings | None = None,
     ) -> None:
         self.settings = settings
-        self.tracing_settings = tracing_settings
         self.tracer: tracing.Tracer = tracing.OFF
         self.registry = registry or prom.CollectorRegistry()
         self.metrics = metrics.Metrics(
@@ -133,7 +131,7 @@ class Dispatcher:
             wake=lambda: work.wake(),  # noqa: PLW0108
         )
         tracer = self.tracer = tracing.start(
-            self.tracing_settings,
+            s.tracing,
             version=__version__,
             fetch_contexts=functools.partial(trace_context.for_deliveries, self.pool),
         )

@@ -255,6 +255,7 @@ def settings_from_env(env: Mapping[str, str], database_url: str) -> config.Setti
             secret_keys=_env(env, "DISPATCHER_SECRET_KEYS") or "",
             health=health_from_env(env),
             retention=retention_from_env(env),
+            tracing=tracing.settings_from_env(env),
         )
     except config.ConfigError as exc:
         raise CliError(str(exc)) from None
@@ -327,7 +328,6 @@ def install_signal_handlers(stop: asyncio.Event) -> None:
 def cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from dispatcher import app  # noqa: PLC0415
 
-    traces = tracing.settings_from_env(env)  # a bad OTEL_* value fails before anything starts
     with database(env) as dsn:
         settings = settings_from_env(env, dsn)
         if args.migrate:
@@ -336,7 +336,7 @@ def cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         async def main() -> None:
             stop = asyncio.Event()
             install_signal_handlers(stop)
-            await app.Dispatcher(settings, tracing_settings=traces).run(stop)
+            await app.Dispatcher(settings).run(stop)
 
         try:
             _run(main())

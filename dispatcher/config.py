@@ -105,6 +105,18 @@ class RetentionPolicy:
             raise ConfigError("retention batch must be >= 1 and interval > 0")
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class TracingSettings:
+    """OpenTelemetry trace export (see :mod:`dispatcher.tracing`), from OpenTelemetry's own
+    variables. ``Settings.tracing`` is None while tracing is off."""
+
+    endpoint: str  # the OTLP/HTTP traces URL
+    service_name: str = "dispatcher"
+    sampler: str = "parentbased_always_on"
+    sampler_ratio: float = 1.0
+    export_delay_seconds: float = 5.0
+
+
 # Endpoints outside /v1 that may be left open (DISPATCHER_OPEN_ENDPOINTS).
 PROBE_ENDPOINTS = ("healthz", "readyz", "metrics")
 
@@ -152,6 +164,8 @@ class Settings:
     secret_keys: str = dataclasses.field(repr=False, default="")
     health: HealthPolicy = dataclasses.field(default_factory=HealthPolicy)
     retention: RetentionPolicy = dataclasses.field(default_factory=RetentionPolicy)
+    # None: tracing off (no OTLP endpoint configured).
+    tracing: TracingSettings | None = None
 
     def __post_init__(self) -> None:
         if self.max_in_flight < 1 or self.claim_batch < 1 or self.route_batch < 1:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import importlib.util
 import re
 import sys
@@ -163,22 +162,11 @@ def safe_url(url: str) -> tuple[str, str | None, int | None]:
 # -- configuration ---------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Settings:
-    """OpenTelemetry's own variables, as far as the dispatcher honours them."""
-
-    endpoint: str  # the OTLP/HTTP traces URL
-    service_name: str = SERVICE_NAME
-    sampler: str = "parentbased_always_on"
-    sampler_ratio: float = 1.0
-    export_delay_seconds: float = 5.0
-
-
 def _true(value: str | None) -> bool:
     return (value or "").strip().lower() == "true"
 
 
-def settings_from_env(env: Mapping[str, str]) -> Settings | None:
+def settings_from_env(env: Mapping[str, str]) -> config.TracingSettings | None:
     """Tracing settings, or None when tracing is off (no endpoint, or the SDK disabled).
 
     Raises ``config.ConfigError`` for a value the dispatcher cannot honour, before anything
@@ -231,7 +219,7 @@ def settings_from_env(env: Mapping[str, str]) -> Settings | None:
             ) from None
         if delay_seconds <= 0:
             raise config.ConfigError("OTEL_BSP_SCHEDULE_DELAY must be > 0 (milliseconds)")
-    return Settings(
+    return config.TracingSettings(
         endpoint=endpoint,
         service_name=get("OTEL_SERVICE_NAME") or SERVICE_NAME,
         sampler=sampler,
@@ -372,7 +360,7 @@ class Tracing:
 
     def __init__(
         self,
-        settings: Settings,
+        settings: config.TracingSettings,
         *,
         version: str,
         fetch_contexts: FetchContexts | None = None,
@@ -538,7 +526,7 @@ class Tracing:
             await asyncio.wait_for(done, SHUTDOWN_TIMEOUT_SECONDS)
 
 
-def _sampler(settings: Settings) -> Any:
+def _sampler(settings: config.TracingSettings) -> Any:
     from opentelemetry.sdk.trace import sampling  # noqa: PLC0415
 
     ratio = sampling.TraceIdRatioBased(settings.sampler_ratio)
@@ -554,7 +542,10 @@ def _sampler(settings: Settings) -> Any:
 
 
 def start(
-    settings: Settings | None, *, version: str, fetch_contexts: FetchContexts | None = None
+    settings: config.TracingSettings | None,
+    *,
+    version: str,
+    fetch_contexts: FetchContexts | None = None,
 ) -> Tracer:
     """``Tracing`` when configured and installed, else ``OFF`` (with a warning when an
     endpoint is configured but the extra is missing: tracing is never worth a failed start)."""

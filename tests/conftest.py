@@ -146,8 +146,8 @@ async def start_dispatcher(dsn: str) -> AsyncIterator[Any]:
     """Start in-process dispatchers against the test database; all are stopped afterwards."""
     running: list[Running] = []
 
-    async def start(tracing_settings: Any = None, **changes: Any) -> Running:
-        d = app.Dispatcher(fast_settings(dsn, **changes), tracing_settings=tracing_settings)
+    async def start(**changes: Any) -> Running:
+        d = app.Dispatcher(fast_settings(dsn, **changes))
         stop = asyncio.Event()
         task = asyncio.create_task(d.run(stop))
         ready = asyncio.create_task(d.ready.wait())

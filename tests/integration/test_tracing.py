@@ -21,8 +21,8 @@ from aiohttp import web
 from opentelemetry.sdk.trace import TracerProvider
 
 import dispatcher
+from dispatcher import config, tracing
 from dispatcher import receiver as receiver_toolkit
-from dispatcher import tracing
 from dispatcher.agent import steps
 from dispatcher.db import management, repository
 from tests import otlp, support
@@ -50,8 +50,8 @@ def traced(start_dispatcher: Any, collector: otlp.Collector) -> Any:
     """Start in-process dispatchers that export to ``collector`` every 50 ms."""
 
     async def start(**changes: Any) -> Running:
-        settings = tracing.Settings(endpoint=collector.url, export_delay_seconds=0.05)
-        running: Running = await start_dispatcher(tracing_settings=settings, **changes)
+        settings = config.TracingSettings(endpoint=collector.url, export_delay_seconds=0.05)
+        running: Running = await start_dispatcher(tracing=settings, **changes)
         return running
 
     return start

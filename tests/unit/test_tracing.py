@@ -74,7 +74,7 @@ def test_tracing_is_off_without_an_endpoint() -> None:
 
 def test_settings_follow_opentelemetrys_variables() -> None:
     base = tracing.settings_from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318/"})
-    assert base == tracing.Settings(endpoint="http://collector:4318/v1/traces")
+    assert base == config.TracingSettings(endpoint="http://collector:4318/v1/traces")
     assert base.service_name == "dispatcher"
     full = tracing.settings_from_env(
         {
@@ -87,7 +87,7 @@ def test_settings_follow_opentelemetrys_variables() -> None:
             "OTEL_BSP_SCHEDULE_DELAY": "250",
         }
     )
-    assert full == tracing.Settings(
+    assert full == config.TracingSettings(
         endpoint="https://otlp.example.com/custom/traces",
         service_name="webhooks",
         sampler="parentbased_traceidratio",
@@ -159,6 +159,8 @@ def test_the_cli_refuses_a_grpc_exporter_with_one_line() -> None:
         check=False,
         env={
             "PATH": "/usr/bin:/bin",
+            # Never connected to: the settings are refused first.
+            "DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none",
             "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317",
             "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
         },
@@ -179,7 +181,9 @@ def test_an_opentelemetry_failure_never_costs_the_delivery() -> None:
 
     exporter = InMemorySpanExporter()
     tracer = tracing.Tracing(
-        tracing.Settings(endpoint="http://127.0.0.1:9/v1/traces"), version="0", exporter=exporter
+        config.TracingSettings(endpoint="http://127.0.0.1:9/v1/traces"),
+        version="0",
+        exporter=exporter,
     )
     broken = tracer.attempt(object())  # no delivery_id, url, …
     assert broken.headers is None
