@@ -50,7 +50,6 @@ class Dispatcher:
         registry: prom.CollectorRegistry | None = None,
     ) -> None:
         self.settings = settings
-        self.tracer: tracing.Tracer = tracing.OFF
         self.registry = registry or prom.CollectorRegistry()
         self.metrics = metrics.Metrics(
             self.registry, max_subscriptions=settings.metrics_max_subscriptions, version=__version__
@@ -66,6 +65,7 @@ class Dispatcher:
         self.pool: Any = None
         self.repo: repository.Repository | None = None
         self.claimer: claimer.Claimer | None = None
+        self.tracer: tracing.Tracer = tracing.OFF
         self.health: admin.Health | None = None
         self.bound_port: int | None = None
         self.ready = asyncio.Event()
