@@ -19,23 +19,22 @@ from aiohttp import web
 
 from dispatcher import (
     __version__,
-    admin,
-    api,
     claimer,
     config,
-    delivery,
+    endpoint_health,
     gauges,
-    health,
     metrics,
     retention,
     router,
     secretbox,
+    sender,
     signing,
     ssrf,
     tracing,
 )
 from dispatcher.db import listener, management, migrate, repository, trace_context
 from dispatcher.db import pool as db_pool
+from dispatcher.web import admin_api, probes
 
 log = structlog.get_logger("dispatcher.app")
 
@@ -66,7 +65,7 @@ class Dispatcher:
         self.repo: repository.Repository | None = None
         self.claimer: claimer.Claimer | None = None
         self.tracer: tracing.Tracer = tracing.OFF
-        self.health: admin.Health | None = None
+        self.readiness: probes.Readiness | None = None
         self.bound_port: int | None = None
         self.ready = asyncio.Event()
 
@@ -84,9 +83,9 @@ class Dispatcher:
         repo = self.repo = repository.Repository(self.pool, box=self.box)
         if not self.box.encrypting:
             log.warning("secrets_stored_in_plaintext", hint="set DISPATCHER_SECRET_KEYS")
-        self.health = admin.Health(repo.ping)
+        self.readiness = probes.Readiness(repo.ping)
         signers = signing.SignerRegistry.load()
-        management_api = api.build(
+        management_api = admin_api.build(
             management.Management(self.pool, repo),
             token=s.admin_token,
             policy=self.policy,
@@ -94,11 +93,11 @@ class Dispatcher:
         )
         guarded = [f"/{name}" for name in config.PROBE_ENDPOINTS if name not in s.open_endpoints]
         runner = web.AppRunner(
-            admin.build_app(
-                self.health,
+            probes.build_app(
+                self.readiness,
                 self.registry,
                 api=management_api,
-                middlewares=[api.probe_guard(s.admin_token, guarded)] if guarded else [],
+                middlewares=[admin_api.probe_guard(s.admin_token, guarded)] if guarded else [],
             ),
             access_log=None,
         )
@@ -108,8 +107,8 @@ class Dispatcher:
         self.bound_port = _bound_port(runner)
         policy = self.policy
         resolver = ssrf.build_connector_resolver(policy)
-        session = delivery.build_session(max_connections=s.max_in_flight, resolver=resolver)
-        sender = delivery.Sender(
+        session = sender.build_session(max_connections=s.max_in_flight, resolver=resolver)
+        http_sender = sender.Sender(
             session,
             signers,
             request_timeout_seconds=s.request_timeout_seconds,
@@ -119,16 +118,15 @@ class Dispatcher:
             guard=_cached_guard(policy),
             is_blocked=ssrf.is_blocked_error,
         )
-        monitor = health.Monitor(
+        # The claimer reports every attempt to the monitor; the monitor's loop gets the
+        # claimer (below) to send its probes.
+        monitor = endpoint_health.Monitor(
             self.pool,
             repo,
             self.metrics,
-            s.health,
+            s.endpoint_health,
             worker=s.worker_id,
             lease_seconds=s.lease_seconds,
-            # Late-bound: the claimer (built next) reports to the monitor and runs its probes.
-            submit=lambda job: work.submit(job),  # noqa: PLW0108
-            wake=lambda: work.wake(),  # noqa: PLW0108
         )
         tracer = self.tracer = tracing.start(
             s.tracing,
@@ -136,7 +134,7 @@ class Dispatcher:
             fetch_contexts=functools.partial(trace_context.for_deliveries, self.pool),
         )
         work = self.claimer = claimer.Claimer(
-            repo, sender, self.metrics, s, observe=monitor.observe, tracer=tracer
+            repo, http_sender, self.metrics, s, health=monitor, tracer=tracer
         )
         route = router.Router(
             repo,
@@ -171,7 +169,7 @@ class Dispatcher:
         # the same ones on every replica (the loop's first run just repeats this).
         try:
             await gauge_loop.refresh()
-        except gauges.DB_ERRORS as exc:
+        except db_pool.ERRORS as exc:
             log.warning("gauge_refresh_failed", error=f"{type(exc).__name__}: {exc}")
         background_stop = asyncio.Event()
         acks = asyncio.create_task(work.acks.run(), name="acks")
@@ -180,14 +178,14 @@ class Dispatcher:
             asyncio.create_task(route.run(background_stop), name="router"),
             asyncio.create_task(reaper.run(background_stop), name="reaper"),
             asyncio.create_task(gauge_loop.run(background_stop), name="gauges"),
-            asyncio.create_task(monitor.run(background_stop), name="health"),
+            asyncio.create_task(monitor.run(background_stop, work), name="health"),
             asyncio.create_task(
                 retention.Pruner(self.pool, self.metrics, s.retention).run(background_stop),
                 name="retention",
             ),
         ]
         claim = asyncio.create_task(work.run(), name="claimer")
-        self.health.started = True
+        self.readiness.started = True
         self.ready.set()
         log.info(
             "dispatcher_started",
@@ -206,7 +204,7 @@ class Dispatcher:
             stopped.cancel()
         finally:
             log.info("dispatcher_draining", in_flight=work.in_flight())
-            self.health.draining = True
+            self.readiness.draining = True
             work.stop_claiming()
             background_stop.set()
             with contextlib.suppress(asyncio.CancelledError, TimeoutError):
@@ -250,9 +248,9 @@ def _bound_port(runner: web.AppRunner) -> int | None:
     return None
 
 
-async def migrate_database(dsn: str) -> list[str]:
+async def migrate_database(dsn: str, track: migrate.Track = migrate.CORE) -> list[str]:
     conn = await db_pool.connect(dsn, application_name="dispatcher-migrate")
     try:
-        return await migrate.apply(conn)
+        return await migrate.apply(conn, track)
     finally:
         await conn.close()

@@ -13,18 +13,17 @@ import dataclasses
 import random
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import asyncpg
 import structlog
 
-from dispatcher import backoff, config, delivery, errors, limiter, metrics, tracing
+from dispatcher import backoff, config, limiter, metrics, model, sender, tracing
 from dispatcher.db import pool as db_pool
 from dispatcher.db import repository
 
 log = structlog.get_logger("dispatcher.claimer")
 
-DB_ERRORS = db_pool.ERRORS
 # Errors about a batch's content, not the database's availability.
 BAD_ROW_ERRORS = (
     asyncpg.DataError,
@@ -38,6 +37,45 @@ REFILL_LINGER_SECONDS = 0.005
 # subscription held back by its max_in_flight needs the re-check. Claiming on every finished
 # request meant an empty claim per delivery at low rates, which delayed the next real one.
 CAPACITY_RECHECK_SECONDS = 0.02
+
+
+class HealthReport(Protocol):
+    """Where the claimer reports attempts: the endpoint health monitor, which owns what
+    follows for the subscription (pause, probe, disable)."""
+
+    def observe(self, job: model.Job, result: model.AttemptResult) -> None: ...
+
+    async def gone(self, job: model.Job) -> None: ...
+
+
+def decide(
+    result: model.AttemptResult,
+    *,
+    attempt: int,
+    age_seconds: float,
+    policy: config.RetryPolicy,
+    rand: Callable[[], float] = random.random,
+) -> tuple[model.DeliveryState, float | None, str | None]:
+    """What one attempt's result makes of its delivery: (new state, retry delay or None,
+    error kept on the delivery). Pure: the verdict table plus the retry policy."""
+    verdict = result.verdict
+    if verdict is model.Verdict.DELIVERED:
+        return model.DeliveryState.DELIVERED, None, None
+    if verdict is model.Verdict.GONE:
+        return model.DeliveryState.PARKED, None, result.error
+    if verdict is model.Verdict.BLOCKED:
+        return model.DeliveryState.DEAD, None, result.error
+    decision = backoff.decide(
+        attempt=attempt,
+        age_seconds=age_seconds,
+        policy=policy,
+        permanent=verdict is model.Verdict.PERMANENT,
+        retry_after_seconds=result.retry_after_seconds,
+        rand=rand,
+    )
+    if isinstance(decision, backoff.GiveUp):
+        return model.DeliveryState.DEAD, None, f"{result.error} ({decision.reason})"
+    return model.DeliveryState.RETRYING, decision.delay_seconds, result.error
 
 
 class AckWriter:
@@ -60,10 +98,10 @@ class AckWriter:
         self._metrics = m
         self._batch = batch
         self._on_written = on_written
-        self._queue: asyncio.Queue[repository.Ack] = asyncio.Queue()
+        self._queue: asyncio.Queue[model.Ack] = asyncio.Queue()
         self.stale = 0
 
-    def put(self, ack: repository.Ack) -> None:
+    def put(self, ack: model.Ack) -> None:
         self._queue.put_nowait(ack)
 
     def pending(self) -> int:
@@ -84,7 +122,7 @@ class AckWriter:
         """Ask ``run()`` to return once everything queued so far is written."""
         self._queue.put_nowait(_CLOSE)
 
-    async def _write(self, acks: list[repository.Ack]) -> None:
+    async def _write(self, acks: list[model.Ack]) -> None:
         if not acks:
             return
         delay = 0.05
@@ -107,7 +145,7 @@ class AckWriter:
                 await self._write(acks[:half])
                 await self._write(acks[half:])
                 return
-            except DB_ERRORS as exc:
+            except db_pool.ERRORS as exc:
                 log.warning(
                     "ack_write_failed",
                     error=f"{type(exc).__name__}: {exc}",
@@ -156,26 +194,27 @@ class _Children:
 
 
 # Marker queued by close(); never written.
-_CLOSE = repository.Ack(0, 0, 0, "", None, None, None, 0.0, 0.0, "", None)
+_CLOSE = model.Ack(0, 0, 0, model.DeliveryState.PENDING, None, None, None, 0.0, 0.0, "", None)
 
 
 class Claimer:
     def __init__(
         self,
         repo: repository.Repository,
-        sender: delivery.Sender,
+        http_sender: sender.Sender,
         m: metrics.Metrics,
         settings: config.Settings,
         *,
         rand: Callable[[], float] = random.random,
-        observe: Callable[[delivery.Job, errors.AttemptResult], None] | None = None,
+        health: HealthReport | None = None,
         tracer: tracing.Tracer = tracing.OFF,
     ) -> None:
         self._repo = repo
         self._tracer = tracer
-        # Every attempt's result goes to the health monitor (dispatcher/health.py).
-        self._observe = observe
-        self._sender = sender
+        # Every attempt's result goes to the endpoint health monitor, which owns the
+        # subscription-level consequences (pause, probe, disable on 410 or a failing streak).
+        self._health = health
+        self._sender = http_sender
         self._metrics = m
         self._settings = settings
         self._rand = rand
@@ -199,7 +238,7 @@ class Claimer:
         self._children: dict[str, _Children] = {}
         self._policies: dict[tuple[tuple[str, float], ...], config.RetryPolicy] = {}
         self._claiming = True
-        self._tasks: dict[asyncio.Task[None], delivery.Job] = {}
+        self._tasks: dict[asyncio.Task[None], model.Job] = {}
         self._next_due = float("inf")
 
     # -- wake-ups --------------------------------------------------------------------------
@@ -247,7 +286,7 @@ class Claimer:
             try:
                 jobs = await self._repo.claim(s.worker_id, want, s.lease_seconds)
                 db_delay = 0.05
-            except DB_ERRORS as exc:
+            except db_pool.ERRORS as exc:
                 log.warning("claim_failed", error=f"{type(exc).__name__}: {exc}", retry_in=db_delay)
                 await self._idle(db_delay)
                 db_delay = min(db_delay * 2, 5.0)
@@ -273,7 +312,7 @@ class Claimer:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)
 
-    def _start(self, job: delivery.Job) -> None:
+    def _start(self, job: model.Job) -> None:
         self.limiter.acquire()
         task = asyncio.create_task(self._deliver(job))
         self._tasks[task] = job
@@ -296,7 +335,7 @@ class Claimer:
             children = self._children[label] = _Children(self._metrics, label)
         return children
 
-    async def _deliver(self, job: delivery.Job) -> None:
+    async def _deliver(self, job: model.Job) -> None:
         children = self._metric_children(job.subscription_id)
         in_flight = children.in_flight
         in_flight.inc()
@@ -306,9 +345,9 @@ class Claimer:
             result = await self._sender.send(job, span.headers)
         except Exception as exc:  # a sender bug must not strand the delivery
             log.exception("sender_crashed", delivery_id=job.delivery_id)
-            result = errors.AttemptResult(
-                verdict=errors.Verdict.RETRYABLE,
-                outcome=errors.Outcome.OTHER,
+            result = model.AttemptResult(
+                verdict=model.Verdict.RETRYABLE,
+                outcome=model.Outcome.OTHER,
                 status=None,
                 error=f"internal: {type(exc).__name__}",
                 duration_seconds=time.time() - started_at,
@@ -319,8 +358,8 @@ class Claimer:
 
     async def _conclude(
         self,
-        job: delivery.Job,
-        result: errors.AttemptResult,
+        job: model.Job,
+        result: model.AttemptResult,
         started_at: float,
         children: _Children,
         span: tracing.Attempt,
@@ -328,17 +367,23 @@ class Claimer:
         children.attempts(result.outcome.value).inc()
         children.attempt_duration.observe(result.duration_seconds)
         now = time.time()
-        state, delay, error = self._decide(job, result, now)
+        state, delay, error = decide(
+            result,
+            attempt=job.attempt,
+            age_seconds=now - job.event_created_at,
+            policy=self._policy(job),
+            rand=self._rand,
+        )
         span.finish(result, state)
-        if state == "delivered":
+        if state is model.DeliveryState.DELIVERED:
             children.delivered.inc()
             # With tracing on, the trace id rides along as an OpenMetrics exemplar.
             children.delivery_latency.observe(max(0.0, now - job.event_created_at), span.exemplar())
-        elif state == "dead":
+        elif state is model.DeliveryState.DEAD:
             children.dead.inc()
-        elif state == "retrying":
+        elif state is model.DeliveryState.RETRYING:
             children.retries_scheduled.inc()
-        if result.verdict is errors.Verdict.BLOCKED:
+        if result.verdict is model.Verdict.BLOCKED:
             self._metrics.ssrf_blocked.inc()
         self._log.info(
             "attempt",
@@ -350,12 +395,12 @@ class Claimer:
             outcome=result.outcome.value,
             status=result.status,
             duration_ms=round(result.duration_seconds * 1000, 2),
-            state=state,
+            state=state.value,
             next_retry_in=None if delay is None else round(delay, 3),
-            error=error if state != "delivered" else None,
+            error=error if state is not model.DeliveryState.DELIVERED else None,
         )
         self.acks.put(
-            repository.Ack(
+            model.Ack(
                 delivery_id=job.delivery_id,
                 lease_token=job.lease_token,
                 attempt=job.attempt,
@@ -372,35 +417,14 @@ class Claimer:
         )
         if delay is not None:
             self._schedule(delay)
-        if self._observe is not None:
-            self._observe(job, result)
-        if result.verdict is errors.Verdict.GONE:
-            await self._disable(job, "endpoint answered 410 Gone")
+        if self._health is not None:
+            self._health.observe(job, result)
+            if result.verdict is model.Verdict.GONE:
+                # Awaited in this delivery's slot, as before the monitor took the decision
+                # over: the subscription's next delivery is not claimed until it is disabled.
+                await self._health.gone(job)
 
-    def _decide(
-        self, job: delivery.Job, result: errors.AttemptResult, now: float
-    ) -> tuple[str, float | None, str | None]:
-        """→ (new state, retry delay or None, error kept on the delivery)."""
-        verdict = result.verdict
-        if verdict is errors.Verdict.DELIVERED:
-            return "delivered", None, None
-        if verdict is errors.Verdict.GONE:
-            return "parked", None, result.error
-        if verdict is errors.Verdict.BLOCKED:
-            return "dead", None, result.error
-        decision = backoff.decide(
-            attempt=job.attempt,
-            age_seconds=now - job.event_created_at,
-            policy=self._policy(job),
-            permanent=verdict is errors.Verdict.PERMANENT,
-            retry_after_seconds=result.retry_after_seconds,
-            rand=self._rand,
-        )
-        if isinstance(decision, backoff.GiveUp):
-            return "dead", None, f"{result.error} ({decision.reason})"
-        return "retrying", decision.delay_seconds, result.error
-
-    def _policy(self, job: delivery.Job) -> config.RetryPolicy:
+    def _policy(self, job: model.Job) -> config.RetryPolicy:
         """The configured policy with the subscription's overrides on top (cached per set)."""
         if not job.retry_policy:
             return self._settings.retry
@@ -420,25 +444,7 @@ class Claimer:
             self._policies[key] = policy
         return policy
 
-    async def _disable(self, job: delivery.Job, reason: str) -> None:
-        try:
-            if await self._repo.disable_subscription(job.subscription_id, reason):
-                self._metrics.subscriptions_disabled.labels(reason="gone").inc()
-                self._metrics.subscription_up.labels(
-                    subscription=self._metrics.label(job.subscription_id)
-                ).set(0)
-                log.warning(
-                    "subscription_disabled", subscription=job.subscription_id, reason=reason
-                )
-        except DB_ERRORS as exc:
-            # The delivery is already parked by its ack; the next 410 will try again.
-            log.error(
-                "subscription_disable_failed",
-                subscription=job.subscription_id,
-                error=f"{type(exc).__name__}: {exc}",
-            )
-
-    def submit(self, job: delivery.Job) -> bool:
+    def submit(self, job: model.Job) -> bool:
         """Send a delivery claimed elsewhere (a health probe). False when no slot is free
         or the claimer is stopping; the caller then hands the lease back."""
         if not self._claiming or self.limiter.free() <= 0:
@@ -468,6 +474,6 @@ class Claimer:
             await asyncio.wait(set(left), timeout=5)
             try:
                 await self._repo.release((j.delivery_id, j.lease_token) for j in left.values())
-            except DB_ERRORS as exc:
+            except db_pool.ERRORS as exc:
                 log.error("lease_release_failed", error=str(exc), leases=len(left))
         return len(left)

@@ -61,8 +61,9 @@ class RetryPolicy:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class HealthPolicy:
-    """Endpoint health (see :mod:`dispatcher.health`). A zero disables that mechanism."""
+class EndpointHealthPolicy:
+    """Endpoint health (see :mod:`dispatcher.endpoint_health`): disabling and pausing failing
+    subscriptions. A zero disables that mechanism."""
 
     # A subscription failing continuously this long is disabled (Svix: 5 days).
     disable_after_seconds: float = 5 * 86400.0
@@ -117,6 +118,15 @@ class TracingSettings:
     export_delay_seconds: float = 5.0
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class LogSettings:
+    """How every command logs (see :mod:`dispatcher.logs`)."""
+
+    level: str = "info"
+    # json, console, or auto (console on a terminal).
+    format: str = "auto"
+
+
 # Endpoints outside /v1 that may be left open (DISPATCHER_OPEN_ENDPOINTS).
 PROBE_ENDPOINTS = ("healthz", "readyz", "metrics")
 
@@ -162,7 +172,7 @@ class Settings:
     ack_batch: int = 500
     # Subscription secrets at rest: "kid:base64key,…", first = current (dispatcher.secretbox).
     secret_keys: str = dataclasses.field(repr=False, default="")
-    health: HealthPolicy = dataclasses.field(default_factory=HealthPolicy)
+    endpoint_health: EndpointHealthPolicy = dataclasses.field(default_factory=EndpointHealthPolicy)
     retention: RetentionPolicy = dataclasses.field(default_factory=RetentionPolicy)
     # None: tracing off (no OTLP endpoint configured).
     tracing: TracingSettings | None = None

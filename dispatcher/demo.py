@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -23,7 +22,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from dispatcher import app, signing
+from dispatcher import app, ports, signing
 from dispatcher.examples import receiver as example_receiver
 
 PROSPECTS = (
@@ -52,12 +51,6 @@ class DemoError(RuntimeError):
 def _say(line: str = "") -> None:
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _child_env(env: Mapping[str, str], dsn: str, extra: Mapping[str, str]) -> dict[str, str]:
@@ -223,7 +216,7 @@ async def _story(dsn: str, env: Mapping[str, str], started: float) -> int:
 
     logs = Path(env.get("DISPATCHER_PGDATA") or ".dispatcher/pgdata").parent / "demo-logs"
     logs.mkdir(parents=True, exist_ok=True)
-    agent_port = _free_port()
+    agent_port = ports.free_port()
     children = [
         Child(
             "dispatcher",
@@ -243,7 +236,7 @@ async def _story(dsn: str, env: Mapping[str, str], started: float) -> int:
         ),
         Child(
             "agent",
-            ["agent"],
+            ["agent", "--migrate"],
             _child_env(
                 env,
                 dsn,

@@ -7,9 +7,9 @@ rows: depth sums the incrementally kept deltas of ``sql/004_metrics.sql`` (one r
 subscription and state), the oldest age is one index probe per subscription with queued work,
 and the outbox backlog is counted exactly only up to a cap.
 
-This module only reads, apart from folding the delta rows (under an advisory lock, one replica
-at a time); it never touches the delivery tables and holds no connection between refreshes.
-Its SQL lives here rather than in ``db/repository.py`` because it serves nothing but metrics.
+The statements live in ``dispatcher.db.gauges``: they only read, apart from folding the delta
+rows (under an advisory lock, one replica at a time). This module turns their snapshot into
+gauge values and holds no connection between refreshes.
 """
 
 from __future__ import annotations
@@ -24,87 +24,14 @@ from typing import Any
 import structlog
 
 from dispatcher import metrics
+from dispatcher.db import gauges as db_gauges
 from dispatcher.db import pool as db_pool
 
 log = structlog.get_logger("dispatcher.gauges")
 
-# Lost or restarted database (incl. asyncpg's InternalClientError): log, count, try again.
-DB_ERRORS = db_pool.ERRORS
-# Undelivered states; parked work (subscription disabled) is reported by subscription_up.
-ACTIVE_STATES = ("pending", "in_flight", "retrying")
-# Above this many unrouted rows the backlog is the id span of the unrouted rows (an upper
-# bound that costs two index probes) instead of an exact count.
-BACKLOG_EXACT_LIMIT = 10_000
 # Fold the delta rows once they outnumber the groups by this much (not on every refresh:
 # rewriting every group each time would churn the table for nothing).
 COMPACT_SLACK_ROWS = 1_000
-COMPACT_LOCK_ID = 7_301_946_113
-
-_DEPTH_SQL = """
--- No locks: a plain snapshot read of the per-group deltas (sql/004_metrics.sql).
-SELECT subscription_id::text AS subscription_id, state, sum(delta)::bigint AS n,
-       count(*) AS delta_rows
-FROM webhook_delivery_count_deltas
-GROUP BY subscription_id, state
-"""
-
-_SUBSCRIPTIONS_SQL = """
--- No locks. A stable order (oldest first) so every replica labels the same subscriptions
--- individually. Oldest age: one probe of webhook_deliveries_oldest (min() over a partial
--- index becomes a LIMIT 1 scan), only for subscriptions whose counts say they have work.
-SELECT s.id::text AS id,
-       -- Up: enabled and not paused by the circuit breaker (sql/005_reliability.sql).
-       s.enabled AND (s.paused_until IS NULL OR s.paused_until <= now()) AS up,
-       CASE WHEN s.id = ANY($1::uuid[]) THEN
-           extract(epoch FROM now() - (
-               SELECT min(d.event_created_at) FROM webhook_deliveries d
-               WHERE d.subscription_id = s.id
-                 AND d.state IN ('pending', 'in_flight', 'retrying')))::float8
-       END AS oldest_age_seconds
-FROM webhook_subscriptions s
-ORDER BY s.created_at, s.id
-"""
-
-_BACKLOG_SQL = """
--- No locks. Exact below the cap (webhook_outbox_unrouted), else the id span of the unrouted
--- rows: two index endpoint probes, an upper bound (identity gaps from rolled-back inserts).
-SELECT (SELECT count(*) FROM (SELECT 1 FROM webhook_outbox WHERE routed_at IS NULL LIMIT $1) x)
-           AS capped,
-       (SELECT max(id) - min(id) + 1 FROM webhook_outbox WHERE routed_at IS NULL) AS span
-"""
-
-_COMPACT_SQL = """
--- Replace the delta rows by one row per group. Runs under an advisory lock (one replica at a
--- time); the hot path only inserts, so nothing waits on the rows deleted here, and the totals
--- a reader sees are the same before and after the commit.
-WITH moved AS (
-    DELETE FROM webhook_delivery_count_deltas
-    RETURNING subscription_id, state, delta
-)
-INSERT INTO webhook_delivery_count_deltas (subscription_id, state, delta)
-SELECT subscription_id, state, sum(delta)
-FROM moved
-GROUP BY subscription_id, state
-HAVING sum(delta) <> 0
-"""
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Subscription:
-    id: str
-    enabled: bool  # and not paused
-    # Seconds since the oldest undelivered delivery's event was written; None when idle.
-    oldest_age_seconds: float | None = None
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Snapshot:
-    """What the database says now, before label folding."""
-
-    subscriptions: tuple[Subscription, ...]  # stable order: created_at, id
-    depth: dict[tuple[str, str], int]  # (subscription id, state) → deliveries
-    outbox_backlog: int
-    delta_rows: int = 0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -116,7 +43,7 @@ class Folded:
     up: dict[str, int]
 
 
-def fold(snapshot: Snapshot, label: Callable[[str], str]) -> Folded:
+def fold(snapshot: db_gauges.Snapshot, label: Callable[[str], str]) -> Folded:
     """Map subscriptions to bounded label values: counts add up, the oldest age is the max
     and ``up`` the min (a folded group is down when any member is)."""
     depth: dict[tuple[str, str], int] = {}
@@ -139,36 +66,7 @@ def fold(snapshot: Snapshot, label: Callable[[str], str]) -> Folded:
     return Folded(depth=depth, oldest_age_seconds=oldest, up=up)
 
 
-async def read(conn: Any) -> Snapshot:
-    """Three cheap statements on one connection (see the module docstring for their cost)."""
-    depth: dict[tuple[str, str], int] = {}
-    active: set[str] = set()
-    delta_rows = 0
-    for row in await conn.fetch(_DEPTH_SQL):
-        depth[(row["subscription_id"], row["state"])] = row["n"]
-        delta_rows += row["delta_rows"]
-        if row["state"] in ACTIVE_STATES and row["n"] > 0:
-            active.add(row["subscription_id"])
-    subscriptions = tuple(
-        Subscription(r["id"], r["up"], r["oldest_age_seconds"])
-        for r in await conn.fetch(_SUBSCRIPTIONS_SQL, sorted(active))
-    )
-    backlog = await conn.fetchrow(_BACKLOG_SQL, BACKLOG_EXACT_LIMIT + 1)
-    capped = int(backlog["capped"])
-    outbox_backlog = capped if capped <= BACKLOG_EXACT_LIMIT else int(backlog["span"])
-    return Snapshot(subscriptions, depth, outbox_backlog, delta_rows)
-
-
-async def compact(conn: Any) -> bool:
-    """Fold the delta rows; False when another replica is doing it right now."""
-    async with conn.transaction():
-        if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", COMPACT_LOCK_ID):
-            return False
-        await conn.execute(_COMPACT_SQL)
-    return True
-
-
-def needs_compaction(snapshot: Snapshot) -> bool:
+def needs_compaction(snapshot: db_gauges.Snapshot) -> bool:
     return snapshot.delta_rows > 2 * len(snapshot.depth) + COMPACT_SLACK_ROWS
 
 
@@ -192,12 +90,12 @@ class GaugeLoop:
         # Label sets published last time, so series of deleted subscriptions are removed.
         self._published: dict[str, set[tuple[str, ...]]] = {}
 
-    async def refresh(self) -> Snapshot:
+    async def refresh(self) -> db_gauges.Snapshot:
         started = time.perf_counter()
         async with self._pool.acquire() as conn:
-            snapshot = await read(conn)
+            snapshot = await db_gauges.read(conn)
             if needs_compaction(snapshot):
-                await compact(conn)
+                await db_gauges.compact(conn)
         self.publish(fold(snapshot, self._metrics.label))
         m = self._metrics
         m.outbox_backlog.set(snapshot.outbox_backlog)
@@ -240,7 +138,7 @@ class GaugeLoop:
         while not stop.is_set():
             try:
                 await self.refresh()
-            except DB_ERRORS as exc:
+            except db_pool.ERRORS as exc:  # lost or restarted database: count, try again
                 self._metrics.gauge_refresh_errors.inc()
                 log.warning("gauge_refresh_failed", error=f"{type(exc).__name__}: {exc}")
             with contextlib.suppress(TimeoutError):

@@ -15,10 +15,10 @@ class GlobalLimiter:
     def free(self) -> int:
         return self.capacity - self.in_use
 
-    def acquire(self, n: int = 1) -> None:
-        if n > self.free():
+    def acquire(self) -> None:
+        if self.free() <= 0:
             raise RuntimeError("acquired more slots than are free")
-        self.in_use += n
+        self.in_use += 1
 
     def release(self) -> None:
         self.in_use -= 1

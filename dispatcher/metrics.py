@@ -1,6 +1,6 @@
 """Every Prometheus collector, built on an injected ``CollectorRegistry``.
 
-Names and labels are a contract (DESIGN.md, contract 4): dashboards and alerts depend on them.
+Names and labels are a contract: dashboards and alerts depend on them.
 The ``subscription`` label is bounded: after ``max_subscriptions`` distinct ids, the rest are
 folded into ``subscription="other"``. No module-level collectors.
 """
@@ -10,6 +10,8 @@ from __future__ import annotations
 import threading
 
 import prometheus_client as prom
+
+from dispatcher import model
 
 OTHER = "other"
 # Webhook attempts: a few ms on a LAN up to the full request timeout.
@@ -35,7 +37,8 @@ LATENCY_BUCKETS = (
     21600.0,
     86400.0,
 )
-QUEUE_STATES = ("pending", "in_flight", "retrying", "dead")
+# The delivery states the queue gauge reports.
+QUEUE_STATES = tuple(state.value for state in (*model.ACTIVE_STATES, model.DeliveryState.DEAD))
 
 
 class SubscriptionLabels:
@@ -169,7 +172,7 @@ class Metrics:
             "Database gauge refreshes that failed.",
             registry=registry,
         )
-        # Endpoint health (dispatcher/health.py) and retention (dispatcher/retention.py).
+        # Endpoint health (dispatcher/endpoint_health.py) and retention (dispatcher/retention.py).
         self.health_events = prom.Counter(
             "dispatcher_subscription_health_events_total",
             "Circuit-breaker and auto-disable actions taken by this process.",

@@ -1,38 +1,24 @@
 """The producer API: put an event into the outbox on the caller's own connection.
 
 The insert joins whatever transaction the caller has open, so the event commits or rolls back
-with the business change. The active OpenTelemetry span (if any) is stored with the event, so
-its deliveries continue the caller's trace. Nothing here talks HTTP or knows about
-subscriptions.
+with the business change (the statement is ``dispatcher.db.outbox.INSERT_SQL``). The active
+OpenTelemetry span (if any) is stored with the event, so its deliveries continue the caller's
+trace. Nothing here talks HTTP or knows about subscriptions.
 """
 
 from __future__ import annotations
 
 import uuid
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 
 from dispatcher import tracing
-
-
-class _Executor(Protocol):
-    async def fetchval(self, query: str, *args: Any) -> Any: ...
-
-
-# Plain SQL for producers in other languages; $5 may be NULL for a generated event_id, and
-# $6/$7 (W3C traceparent/tracestate of the producer's span) NULL when there is no trace.
-INSERT_SQL = """
-INSERT INTO webhook_outbox (event_type, payload, subscription_id, ordering_key, event_id,
-                            traceparent, tracestate)
-VALUES ($1, $2::jsonb, $3, $4, COALESCE($5, 'evt_' || replace(gen_random_uuid()::text, '-', '')),
-        $6, $7)
-RETURNING event_id
-"""
+from dispatcher.db import outbox
 
 
 async def publish(
-    conn: _Executor,
+    conn: outbox.Executor,
     event_type: str,
     payload: Any,
     *,
@@ -69,7 +55,13 @@ async def publish(
             raise ValueError(f"traceparent {given!r} is not a W3C traceparent value")
         if tracestate is not None and tracing.clean_tracestate(tracestate) is None:
             raise ValueError("tracestate must be printable ASCII of at most 512 characters")
-    result: str = await conn.fetchval(
-        INSERT_SQL, event_type, body, sub, ordering_key, event_id, traceparent, tracestate
+    return await outbox.insert(
+        conn,
+        event_type,
+        body,
+        subscription_id=sub,
+        ordering_key=ordering_key,
+        event_id=event_id,
+        traceparent=traceparent,
+        tracestate=tracestate,
     )
-    return result

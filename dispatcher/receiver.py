@@ -1,6 +1,6 @@
 """Receiver toolkit: verify and de-duplicate webhooks that dispatcher sends.
 
-For people on the receiving end (DESIGN.md, contract 2). It checks the Standard Webhooks
+For people on the receiving end. It checks the Standard Webhooks
 headers (with secret rotation on either side), the optional body-only ``sha256=<hex>``
 header, remembers ``webhook-id`` values so at-least-once delivery is processed once, and
 wraps all of it in an aiohttp handler, which continues the request's W3C ``traceparent`` in a

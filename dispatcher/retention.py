@@ -1,9 +1,10 @@
 """Retention: prune delivered deliveries, finished outbox events and old attempt rows.
 
-Works in small batches, each its own short transaction that takes only rows nobody else has
-locked (SKIP LOCKED), with a pause between batches, so claims, acks and routing never wait on
-it for long. Dead, parked and unfinished deliveries are kept (operators replay dead ones);
-their attempt rows still age out after the attempt retention period.
+The statements are in ``dispatcher.db.retention``; this loop runs them in small batches, each
+its own short transaction that takes only rows nobody else has locked (SKIP LOCKED), with a
+pause between batches, so claims, acks and routing never wait on it for long. Dead, parked
+and unfinished deliveries are kept (operators replay dead ones); their attempt rows still age
+out after the attempt retention period.
 
 An event's outbox row goes once all its deliveries are gone, which also frees its
 ``event_id`` for reuse: the idempotency window of producers equals the retention period.
@@ -22,60 +23,12 @@ import structlog
 
 from dispatcher import config, metrics
 from dispatcher.db import pool as db_pool
+from dispatcher.db import retention as db_retention
 
 log = structlog.get_logger("dispatcher.retention")
 
-DB_ERRORS = db_pool.ERRORS
 # Yield between batches so a long prune never monopolises the pool or the disk.
 PAUSE_BETWEEN_BATCHES_SECONDS = 0.05
-
-_OUTBOX_BATCH_SQL = """
--- The next slice of the oldest routed events (primary-key order, keyset cursor), locked so a
--- replay or a concurrent pruner skips them; then, within the slice only: delete delivered
--- deliveries finished before the cutoff, and the events left without any delivery. Events
--- still holding dead or unfinished deliveries stay (the cursor moves past them).
-WITH slice AS (
-    SELECT id, routed_at
-    FROM webhook_outbox
-    WHERE id > $1 AND routed_at IS NOT NULL
-    ORDER BY id
-    LIMIT $3
-    FOR UPDATE SKIP LOCKED
-), gone_deliveries AS (
-    DELETE FROM webhook_deliveries d
-    USING slice
-    WHERE d.outbox_id = slice.id AND d.state = 'delivered' AND d.finished_at < $2
-    RETURNING d.id, d.outbox_id
-), gone_events AS (
-    DELETE FROM webhook_outbox o
-    USING slice
-    WHERE o.id = slice.id AND slice.routed_at < $2
-      AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d
-                      WHERE d.outbox_id = o.id
-                        AND d.id NOT IN (SELECT id FROM gone_deliveries))
-    RETURNING o.id
-)
-SELECT (SELECT max(id) FROM slice) AS last_id,
-       (SELECT min(routed_at) >= $2 FROM slice) AS all_young,
-       (SELECT count(*) FROM gone_deliveries) AS deliveries,
-       (SELECT count(*) FROM gone_events) AS events
-"""
-
-_ATTEMPTS_BATCH_SQL = """
--- The next slice of attempt rows by id (keyset cursor; ids grow with time, so the old rows
--- come first), deleting those older than the cutoff. Acks only ever insert here, so nothing
--- waits on it.
-WITH oldest AS (
-    SELECT id, started_at FROM webhook_attempts WHERE id > $3 ORDER BY id LIMIT $2
-), gone AS (
-    DELETE FROM webhook_attempts a
-    USING oldest
-    WHERE a.id = oldest.id AND oldest.started_at < $1
-    RETURNING a.id
-)
-SELECT (SELECT count(*) FROM gone) AS deleted, (SELECT count(*) FROM oldest) AS seen,
-       (SELECT max(id) FROM oldest) AS last_id
-"""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -107,7 +60,7 @@ class Pruner:
                         attempts=got.attempts,
                         batches=got.batches,
                     )
-            except DB_ERRORS as exc:
+            except db_pool.ERRORS as exc:
                 log.warning("retention_failed", error=f"{type(exc).__name__}: {exc}")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), p.interval_seconds)
@@ -117,37 +70,37 @@ class Pruner:
         p = self._policy
         deliveries = events = attempts = batches = 0
         if p.delivered_seconds > 0:
-            cutoff = await self._cutoff(p.delivered_seconds)
+            cutoff = await db_retention.cutoff(self._pool, p.delivered_seconds)
             cursor = 0
             while stop is None or not stop.is_set():
-                row = await self._pool.fetchrow(_OUTBOX_BATCH_SQL, cursor, cutoff, p.batch)
+                outbox = await db_retention.prune_outbox_batch(
+                    self._pool, after_id=cursor, cutoff=cutoff, batch=p.batch
+                )
                 batches += 1
-                deliveries += row["deliveries"]
-                events += row["events"]
-                self._count("deliveries", row["deliveries"])
-                self._count("events", row["events"])
-                if row["last_id"] is None or row["all_young"]:
+                deliveries += outbox.deliveries
+                events += outbox.events
+                self._count("deliveries", outbox.deliveries)
+                self._count("events", outbox.events)
+                if outbox.last_id is None or outbox.all_young:
                     break
-                cursor = row["last_id"]
+                cursor = outbox.last_id
                 await asyncio.sleep(PAUSE_BETWEEN_BATCHES_SECONDS)  # be gentle between batches
         if p.attempts_seconds > 0:
-            cutoff = await self._cutoff(p.attempts_seconds)
+            cutoff = await db_retention.cutoff(self._pool, p.attempts_seconds)
             cursor = 0
             while stop is None or not stop.is_set():
-                row = await self._pool.fetchrow(_ATTEMPTS_BATCH_SQL, cutoff, p.batch, cursor)
+                old = await db_retention.prune_attempts_batch(
+                    self._pool, after_id=cursor, cutoff=cutoff, batch=p.batch
+                )
                 batches += 1
-                attempts += row["deleted"]
-                self._count("attempts", row["deleted"])
+                attempts += old.deleted
+                self._count("attempts", old.deleted)
                 # A slice without anything old means the rest is younger still.
-                if row["deleted"] == 0 or row["seen"] < p.batch:
+                if old.deleted == 0 or old.seen < p.batch or old.last_id is None:
                     break
-                cursor = row["last_id"]
+                cursor = old.last_id
                 await asyncio.sleep(PAUSE_BETWEEN_BATCHES_SECONDS)  # be gentle between batches
         return Pruned(deliveries, events, attempts, batches)
-
-    async def _cutoff(self, seconds: float) -> Any:
-        # The database clock, like every other timestamp in the schema.
-        return await self._pool.fetchval("SELECT now() - make_interval(secs => $1)", float(seconds))
 
     def _count(self, table: str, n: int) -> None:
         if n:

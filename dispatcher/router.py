@@ -12,7 +12,8 @@ from collections.abc import Callable
 
 import structlog
 
-from dispatcher import claimer, metrics, tracing
+from dispatcher import metrics, model, tracing
+from dispatcher.db import pool as db_pool
 from dispatcher.db import repository
 
 log = structlog.get_logger("dispatcher.router")
@@ -54,12 +55,12 @@ class Router:
                         self._on_routed()
                     if stats.events < self._batch:
                         break
-            except claimer.DB_ERRORS as exc:
+            except db_pool.ERRORS as exc:
                 log.warning("route_failed", error=f"{type(exc).__name__}: {exc}")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._poll)
 
-    def _trace(self, started_ns: int, stats: repository.RouteStats) -> None:
+    def _trace(self, started_ns: int, stats: model.RouteStats) -> None:
         counts = {
             "events": stats.events,
             "routed": stats.routed,
@@ -69,7 +70,7 @@ class Router:
         }
         self._tracer.routed(started_ns, time.time_ns(), counts, stats.traced)
 
-    def _count(self, stats: repository.RouteStats) -> None:
+    def _count(self, stats: model.RouteStats) -> None:
         routed = self._metrics.events_routed
         if stats.routed:
             routed.labels(result="routed").inc(stats.routed)
@@ -107,7 +108,7 @@ class Reaper:
                     self._metrics.leases_reclaimed.inc(got.requeued + got.dead)
                     log.warning("leases_reclaimed", requeued=got.requeued, dead=got.dead)
                     self._on_requeued()
-            except claimer.DB_ERRORS as exc:
+            except db_pool.ERRORS as exc:
                 log.warning("reclaim_failed", error=f"{type(exc).__name__}: {exc}")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self._interval)

@@ -7,20 +7,17 @@ encryption was configured (plain ``whsec_…`` text) stay readable, which is wha
 existing database migrate in place.
 
 This module must not log, and its errors must never carry a secret, a key or a ciphertext.
-Its only database access is :func:`reencrypt`; everything else works on strings that the
-repository stores and loads.
+It has no database access: it works on strings that the repository stores and loads
+(re-encrypting stored rows is ``dispatcher.db.secrets.reencrypt``).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import dataclasses
 import os
 import re
-import uuid
 from collections.abc import Sequence
-from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -152,70 +149,3 @@ class SecretBox:
 
 # Plaintext mode: what a repository uses when no box is passed in.
 PLAINTEXT = SecretBox()
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Reencrypted:
-    subscriptions: int = 0
-    resealed: int = 0
-    raced: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return dataclasses.asdict(self)
-
-
-_REENCRYPT_PAGE_SQL = """
--- Keyset page over subscriptions; plain read (the write below is a compare-and-set).
-SELECT id, secret, previous_secret FROM webhook_subscriptions
-WHERE $1::uuid IS NULL OR id > $1 ORDER BY id LIMIT $2
-"""
-
-_RESEAL_SQL = """
--- Compare-and-set: only if the row still holds what was read, so a rotation that committed
--- in between is never overwritten (the row is then read again). The row lock waits for a
--- claim in progress on this subscription; claims read either form, both open.
-UPDATE webhook_subscriptions
-SET secret = $2, previous_secret = $3
-WHERE id = $1 AND secret = $4 AND previous_secret IS NOT DISTINCT FROM $5
-"""
-
-
-async def reencrypt(pool: Any, box: SecretBox, *, batch: int = 100) -> Reencrypted:
-    """Seal every subscription secret (and grace-period previous secret) under the current key.
-
-    Online: one short statement per changed row, so deliveries go on meanwhile. Every
-    replica must already have the new key configured (first or not) before this runs, and
-    the old key may be dropped only after it finished.
-    """
-    if not box.encrypting:
-        raise SecretBoxError("no current key to re-encrypt under")
-    seen = resealed = raced = 0
-    after: uuid.UUID | None = None
-    while True:
-        rows = await pool.fetch(_REENCRYPT_PAGE_SQL, after, batch)
-        if not rows:
-            return Reencrypted(seen, resealed, raced)
-        for row in rows:
-            seen += 1
-            current, previous = row["secret"], row["previous_secret"]
-            while box.needs_reseal(current) or box.needs_reseal(previous):
-                status = await pool.execute(
-                    _RESEAL_SQL,
-                    row["id"],
-                    box.seal(box.open(current)),
-                    None if previous is None else box.seal(box.open(previous)),
-                    current,
-                    previous,
-                )
-                if status.endswith(" 1"):
-                    resealed += 1
-                    break
-                raced += 1
-                fresh = await pool.fetchrow(
-                    "SELECT secret, previous_secret FROM webhook_subscriptions WHERE id = $1",
-                    row["id"],
-                )
-                if fresh is None:
-                    break  # deleted meanwhile
-                current, previous = fresh["secret"], fresh["previous_secret"]
-        after = rows[-1]["id"]

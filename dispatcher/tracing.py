@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
-from dispatcher import config, errors
+from dispatcher import config, model
 from dispatcher.db import pool as db_pool
 
 if TYPE_CHECKING:
@@ -249,7 +249,7 @@ class Attempt(Protocol):
     def headers(self) -> Mapping[str, str] | None:
         """Headers for the request (traceparent, tracestate); None with tracing off."""
 
-    def finish(self, result: errors.AttemptResult, state: str) -> None: ...
+    def finish(self, result: model.AttemptResult, state: str) -> None: ...
 
     def exemplar(self) -> dict[str, str] | None: ...
 
@@ -271,7 +271,7 @@ class Tracer(Protocol):
 class _NoAttempt:
     headers: Mapping[str, str] | None = None
 
-    def finish(self, result: errors.AttemptResult, state: str) -> None:
+    def finish(self, result: model.AttemptResult, state: str) -> None:
         return
 
     def exemplar(self) -> dict[str, str] | None:
@@ -313,23 +313,23 @@ class _Attempt:
         self._span = span
         self.headers: Mapping[str, str] | None = headers
 
-    def finish(self, result: errors.AttemptResult, state: str) -> None:
+    def finish(self, result: model.AttemptResult, state: str) -> None:
         try:
             self._finish(result, state)
         except Exception as exc:  # telemetry trouble is logged, never the delivery's
             log.error("trace_finish_failed", error=type(exc).__name__)
 
-    def _finish(self, result: errors.AttemptResult, state: str) -> None:
+    def _finish(self, result: model.AttemptResult, state: str) -> None:
         span = self._span
         if span.is_recording():
             status = result.status
             attributes: dict[str, Any] = {
                 "webhook.outcome": result.outcome.value,
-                "webhook.state": state,
+                "webhook.state": str(state),
             }
             if status is not None:
                 attributes["http.response.status_code"] = status
-            if result.verdict is not errors.Verdict.DELIVERED:
+            if result.verdict is not model.Verdict.DELIVERED:
                 from opentelemetry import trace  # noqa: PLC0415
 
                 # The status code for an HTTP answer, else the outcome label (timeout,

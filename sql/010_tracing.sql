@@ -9,9 +9,3 @@
 ALTER TABLE webhook_outbox
     ADD COLUMN IF NOT EXISTS traceparent text,
     ADD COLUMN IF NOT EXISTS tracestate text;
-
--- The reference agent keeps the caller's context with the job, so its callbacks (published
--- by a runner, maybe on another replica, maybe after a restart) continue the caller's trace.
-ALTER TABLE IF EXISTS agent_jobs
-    ADD COLUMN IF NOT EXISTS traceparent text,
-    ADD COLUMN IF NOT EXISTS tracestate text;

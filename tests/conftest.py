@@ -15,6 +15,7 @@ import asyncpg
 import pytest
 
 from dispatcher import app, config
+from dispatcher.agent import store
 from dispatcher.db import embedded
 from tests import support
 
@@ -45,7 +46,10 @@ def template_dsn(server_dsn: str) -> Iterator[str]:
             await conn.execute(f'CREATE DATABASE "{TEMPLATE}"')
         finally:
             await conn.close()
-        await app.migrate_database(support.with_database(server_dsn, TEMPLATE))
+        dsn = support.with_database(server_dsn, TEMPLATE)
+        await app.migrate_database(dsn)
+        # The reference agent's own track: most integration tests run the agent too.
+        await app.migrate_database(dsn, store.MIGRATIONS)
 
     async def drop() -> None:
         conn = await _admin(server_dsn)
@@ -66,6 +70,23 @@ async def dsn(server_dsn: str, template_dsn: str) -> AsyncIterator[str]:
     conn = await _admin(server_dsn)
     try:
         await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE}"')
+    finally:
+        await conn.close()
+    yield support.with_database(server_dsn, name)
+    conn = await _admin(server_dsn)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def empty_dsn(server_dsn: str) -> AsyncIterator[str]:
+    """A database with no schema at all (the ``dsn`` fixture's clones are migrated)."""
+    name = f"t_empty_{uuid.uuid4().hex[:12]}"
+    conn = await _admin(server_dsn)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
     finally:
         await conn.close()
     yield support.with_database(server_dsn, name)
@@ -125,7 +146,7 @@ def fast_settings(dsn: str, **changes: Any) -> config.Settings:
         worker_id=f"test-{uuid.uuid4().hex[:6]}",
         # The circuit breaker is off unless a test asks for it: it would pause subscriptions
         # that tests fail on purpose (tests/integration/test_health.py turns it on).
-        health=config.HealthPolicy(breaker_failure_ratio=0, interval_seconds=0.05),
+        endpoint_health=config.EndpointHealthPolicy(breaker_failure_ratio=0, interval_seconds=0.05),
     )
     return base.replace(**changes)
 

@@ -1,4 +1,5 @@
-"""Test helpers shared by every suite: waiting with a deadline, DSN surgery, a real receiver.
+"""Test helpers shared by every suite: waiting with a deadline, DSN surgery, a real receiver,
+the CLI as a subprocess.
 
 Nothing here sleeps to wait for a condition: ``wait_for`` polls a predicate until a deadline.
 """
@@ -8,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +17,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import orjson
 from aiohttp import web
+
+import dispatcher
+from dispatcher.db import repository
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,16 +46,42 @@ async def wait_for(
         await asyncio.sleep(interval)  # poll interval, not a wait for the condition itself
 
 
+# The signing secret of the subscriptions tests create (any valid whsec_ value would do).
+SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+
+
+async def subscribe(
+    pool: Any,
+    url: str = "http://127.0.0.1:9/hook",
+    *,
+    event_types: Sequence[str] = ("*",),
+    secret: str = SECRET,
+    **fields: Any,
+) -> str:
+    """Create a subscription through the repository; return its id."""
+    sub = await repository.Repository(pool).create_subscription(
+        url=url, event_types=list(event_types), secret=secret, **fields
+    )
+    return str(sub["id"])
+
+
+async def publish(
+    pool: Any,
+    n: int = 1,
+    *,
+    event_type: str = "e.x",
+    payload: Callable[[int], Any] = lambda i: {"i": i},
+    **kw: Any,
+) -> list[str]:
+    """Publish ``n`` events in one transaction through ``dispatcher.publish``; their ids."""
+    async with pool.acquire() as conn, conn.transaction():
+        return [await dispatcher.publish(conn, event_type, payload(i), **kw) for i in range(n)]
+
+
 def with_database(dsn: str, name: str) -> str:
     """The same server, another database."""
     parts = urllib.parse.urlsplit(dsn)
     return urllib.parse.urlunsplit(parts._replace(path="/" + name))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclasses.dataclass
@@ -152,3 +182,37 @@ def spawn_dispatcher(
         stdout=out,
         stderr=subprocess.STDOUT,
     )
+
+
+@dataclasses.dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> Any:
+        assert self.code == 0, self
+        return orjson.loads(self.out)
+
+
+def cli_env(dsn: str, **extra: str) -> dict[str, str]:
+    """This process's environment without DISPATCHER_* settings, pointed at ``dsn``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCHER_")}
+    return {**env, "DATABASE_URL": dsn, **extra}
+
+
+async def run_cli(env: dict[str, str], *args: str) -> CliResult:
+    """``python -m dispatcher ARGS`` as a real subprocess, with a deadline."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "dispatcher",
+        *args,
+        env=env,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+    assert proc.returncode is not None
+    return CliResult(proc.returncode, out.decode(), err.decode())

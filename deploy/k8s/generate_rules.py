@@ -4,7 +4,7 @@ The compose stack's Prometheus and a Prometheus Operator cluster must fire the s
 there is one source: ``alerts.yml`` (checked and unit-tested with ``promtool``). A
 PrometheusRule's ``spec`` has exactly the rule-file format, so its ``groups:`` block is copied
 as text, indented under ``spec:``, comments and block scalars kept. ``--check`` (run by
-``tests/unit/test_deploy.py``) fails when the committed manifest has drifted.
+``tests/integration/test_deploy.py``) fails when the committed manifest has drifted.
 
 Stdlib only; no I/O outside ``main()``.
 

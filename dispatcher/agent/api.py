@@ -109,7 +109,7 @@ def build_app(
         try:
             job = validation.validate(body, max_prospects=cfg.max_prospects, policy=cfg.policy)
         except validation.ValidationError as exc:
-            return _json(exc.body(), status=422)
+            return _error(422, exc.code, exc.field, exc.detail)
         job_id = new_job_id()
         traceparent = tracing.parse_traceparent(request.headers.get("traceparent"))
         tracestate = (

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 from typing import Any
 
 import structlog
@@ -17,44 +16,15 @@ from aiohttp import web
 
 from dispatcher import config, secretbox, ssrf
 from dispatcher.agent import api, runner, store
+from dispatcher.agent import settings as agent_settings
 from dispatcher.db import listener, migrate
 from dispatcher.db import pool as db_pool
 
 log = structlog.get_logger("dispatcher.agent")
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class AgentSettings:
-    """Everything ``dispatcher agent`` needs; defaults are the documented ones."""
-
-    database_url: str = dataclasses.field(repr=False)
-    webhook_secret: str = dataclasses.field(repr=False)
-    listen_host: str = "127.0.0.1"
-    listen_port: int = 8000
-    api_key: str = dataclasses.field(repr=False, default="")
-    max_prospects: int = 100
-    max_body_bytes: int = 256 * 1024
-    # Pause before each step: the pipeline is instant otherwise, and the demo is for humans.
-    step_delay_seconds: float = 0.4
-    concurrency: int = 4
-    poll_interval_seconds: float = 1.0
-    # A job picked up more often than this (each pick-up after a crash counts) fails.
-    max_runs: int = 10
-    allow_cidrs: tuple[str, ...] = ()
-    https_only: bool = False
-    # Subscription secrets at rest, as for the dispatcher: "kid:base64key,…" (secretbox).
-    secret_keys: str = dataclasses.field(repr=False, default="")
-    worker_id: str = dataclasses.field(default_factory=config.default_worker_id)
-
-    def __post_init__(self) -> None:
-        if not self.webhook_secret:
-            raise config.ConfigError("the agent needs a webhook secret")
-        if self.max_prospects < 1 or self.max_body_bytes < 1024:
-            raise config.ConfigError("max prospects must be >= 1 and max body >= 1024 bytes")
-        if self.step_delay_seconds < 0 or self.poll_interval_seconds <= 0:
-            raise config.ConfigError("step delay must be >= 0 and poll interval > 0")
-        if self.concurrency < 1 or self.max_runs < 1:
-            raise config.ConfigError("concurrency and max runs must be >= 1")
+# The settings live in their own light module: the CLI's settings table reads their defaults.
+AgentSettings = agent_settings.AgentSettings
 
 
 class Agent:
@@ -85,7 +55,8 @@ class Agent:
             application_name="dispatcher-agent",
         )
         try:
-            await migrate.require_current(self.pool)
+            # The dispatcher's schema (the outbox it publishes to) and the agent's own.
+            await migrate.require_current(self.pool, migrate.CORE, store.MIGRATIONS)
             await self._serve(stop)
         finally:
             await self.pool.close()

@@ -62,7 +62,7 @@ KNOWN_COMPANIES: dict[str, tuple[int, str]] = {
 }
 
 # Industries a criteria value stands for; a criteria string matches itself case-insensitively
-# as well. "tech" is the seed article's example.
+# as well.
 INDUSTRY_FAMILIES: dict[str, frozenset[str]] = {
     "tech": frozenset(
         {"software", "cloud", "artificial intelligence", "semiconductors", "cybersecurity"}

@@ -22,8 +22,6 @@ from dispatcher.db import pool as db_pool
 
 log = structlog.get_logger("dispatcher.agent.runner")
 
-_DATABASE_ERRORS = db_pool.ERRORS
-
 
 def utc_timestamp() -> str:
     """ISO-8601 with milliseconds and a ``Z``, as the webhook payloads carry it."""
@@ -69,7 +67,7 @@ class Runner:
                 self._wake.clear()
                 try:
                     await self._claim()
-                except _DATABASE_ERRORS as exc:
+                except db_pool.ERRORS as exc:
                     # The database is away: the jobs are safe in it; try again next round.
                     log.warning("agent_claim_failed", error=f"{type(exc).__name__}: {exc}")
                 waiters = {asyncio.ensure_future(self._wake.wait())}
@@ -117,7 +115,7 @@ class Runner:
             await self._run_job(conn, job_id)
         except store.StaleJob as exc:
             log.info("agent_job_stale", job_id=job_id, detail=str(exc))
-        except _DATABASE_ERRORS as exc:
+        except db_pool.ERRORS as exc:
             # Left unfinished: a later claim round (here or on a replica) resumes it, and
             # ``max_runs`` stops a job that fails this way forever.
             interrupted = True
@@ -126,7 +124,7 @@ class Runner:
             )
         finally:
             self._running.pop(job_id, None)
-            with contextlib.suppress(*_DATABASE_ERRORS):
+            with contextlib.suppress(*db_pool.ERRORS):
                 await store.unlock(conn, job_id)
             await self._pool.release(conn)
             if not interrupted:
@@ -172,7 +170,7 @@ class Runner:
             except steps.StepFailed as exc:
                 await self._fail(conn, job, step, exc.reason)
                 return
-            except (store.StaleJob, *_DATABASE_ERRORS):
+            except (store.StaleJob, *db_pool.ERRORS):
                 raise
             except Exception:
                 # A bug in a deterministic step fails the same way on every run: fail the

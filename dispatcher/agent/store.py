@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import pathlib
 import uuid
 from typing import Any
 
@@ -21,9 +22,18 @@ import structlog
 import dispatcher
 from dispatcher import secretbox
 from dispatcher.agent import steps
+from dispatcher.db import migrate
 
 log = structlog.get_logger("dispatcher.agent.store")
 
+# The agent's own schema (its job table): a migration track beside the dispatcher's, applied
+# by `dispatcher agent --migrate`.
+MIGRATIONS = migrate.Track(
+    "agent",
+    pathlib.Path(__file__).resolve().parent / "sql",
+    "agent_migrations",
+    "dispatcher agent --migrate",
+)
 NOTIFY_CHANNEL = "agent_jobs"
 # uuid5 namespace for callback subscriptions: the same webhook_url → the same subscription.
 SUBSCRIPTION_NAMESPACE = uuid.UUID("6f1c2a4e-8a53-5c1e-9d0b-2f4f3a9c7e11")

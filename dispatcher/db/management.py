@@ -1,6 +1,6 @@
 """SQL for the management operations the admin API and the CLI share (one implementation).
 
-Takes values that are already validated (``dispatcher.api`` validates) and returns plain
+Takes values that are already validated (``dispatcher.validation`` validates) and returns plain
 dicts in the shape the API serves. Unknown ids raise ``NotFound``; operations that do not
 fit the current state raise ``Conflict``. The delivery-core SQL and the basic subscription
 statements stay in ``repository``; this module reuses them. No HTTP, no argument parsing,
@@ -21,14 +21,24 @@ from typing import Any
 
 import orjson
 
-from dispatcher import producer
-from dispatcher.db import repository
+from dispatcher import model
+from dispatcher.db import outbox, repository
 
 TEST_EVENT_TYPE = "dispatcher.test"
 # Deliveries a manual retry may requeue; in_flight is on the wire and parked waits for its
 # subscription to be enabled again.
-RETRYABLE_STATES = ("pending", "retrying", "dead", "delivered", "cancelled")
-CANCELLABLE_STATES = ("pending", "retrying", "parked")
+RETRYABLE_STATES = (
+    model.DeliveryState.PENDING,
+    model.DeliveryState.RETRYING,
+    model.DeliveryState.DEAD,
+    model.DeliveryState.DELIVERED,
+    model.DeliveryState.CANCELLED,
+)
+CANCELLABLE_STATES = (
+    model.DeliveryState.PENDING,
+    model.DeliveryState.RETRYING,
+    model.DeliveryState.PARKED,
+)
 
 
 class ManagementError(Exception):
@@ -141,7 +151,7 @@ def delivery_dict(row: Any) -> dict[str, Any]:
         "state": row["state"],
         "attempts": row["attempt"],
         "next_attempt_at": _iso(row["next_attempt_at"])
-        if row["state"] in ("pending", "retrying")
+        if row["state"] in (model.DeliveryState.PENDING, model.DeliveryState.RETRYING)
         else None,
         "last_status": row["last_status"],
         "last_error": row["last_error"],
@@ -363,8 +373,13 @@ class Management:
                     f"subscription {subscription_id} is disabled; enable it first",
                     code="subscription_disabled",
                 )
-            event_id = await producer.publish(
-                conn, TEST_EVENT_TYPE, dict(payload), subscription_id=subscription_id
+            event_id = await outbox.insert(
+                conn,
+                TEST_EVENT_TYPE,
+                orjson.dumps(dict(payload)).decode(),
+                subscription_id=subscription_id,
+                ordering_key=None,
+                event_id=None,
             )
         return {"event_id": event_id, "event_type": TEST_EVENT_TYPE}
 
@@ -441,7 +456,7 @@ class Management:
             )
             if row is None:
                 raise NotFound(f"delivery {delivery_id} does not exist")
-            if not row["enabled"] or row["state"] == "parked":
+            if not row["enabled"] or row["state"] == model.DeliveryState.PARKED:
                 raise Conflict(
                     "the delivery's subscription is disabled; enable it first",
                     code="subscription_disabled",
@@ -533,7 +548,7 @@ class Management:
             RETURNING id
             """,
             delivery_id,
-            list(CANCELLABLE_STATES),
+            [state.value for state in CANCELLABLE_STATES],
         )
         if updated is None:
             state = await self.pool.fetchval(

@@ -13,39 +13,10 @@ from typing import Any
 
 import orjson
 
-from dispatcher import delivery, secretbox
+from dispatcher import model, secretbox
 
 WORK_CHANNEL = "dispatcher_work"
 OUTBOX_CHANNEL = "dispatcher_outbox"
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class RouteStats:
-    events: int = 0
-    routed: int = 0
-    unmatched: int = 0
-    unknown_subscription: int = 0
-    deliveries: int = 0
-    # (traceparent, tracestate) of the routed events that carry a trace context.
-    traced: tuple[tuple[str, str | None], ...] = ()
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Ack:
-    """The result of one attempt, to be applied if the lease token still matches."""
-
-    delivery_id: int
-    lease_token: int
-    attempt: int
-    state: str  # delivered | retrying | dead | parked
-    delay_seconds: float | None
-    status: int | None
-    error: str | None
-    started_at: float
-    duration_ms: float
-    outcome: str
-    response: str | None
-    manual: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -208,7 +179,7 @@ SUBSCRIPTION_COLUMNS = """
 """
 
 
-def _job(row: Any, box: secretbox.SecretBox) -> delivery.Job:
+def _job(row: Any, box: secretbox.SecretBox) -> model.Job:
     # Stored secrets may be sealed (secretbox); the box caches what it opened, so a claim of
     # many deliveries for one subscription decrypts once.
     secrets = (
@@ -216,7 +187,7 @@ def _job(row: Any, box: secretbox.SecretBox) -> delivery.Job:
         if row["previous_secret"] is None
         else (box.open(row["secret"]), box.open(row["previous_secret"]))
     )
-    return delivery.Job(
+    return model.Job(
         delivery_id=row["delivery_id"],
         lease_token=row["lease_token"],
         attempt=row["attempt"],
@@ -246,14 +217,14 @@ class Repository:
 
     # -- routing ---------------------------------------------------------------------------
 
-    async def route(self, limit: int) -> RouteStats:
+    async def route(self, limit: int) -> model.RouteStats:
         async with self.pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(_ROUTE_SQL, limit)
             if rows and rows[0]["created"]:
                 # Wake every replica's claimer; delivered at commit.
                 await conn.execute("SELECT pg_notify($1, '')", WORK_CHANNEL)
         results = [r["route_result"] for r in rows]
-        return RouteStats(
+        return model.RouteStats(
             events=len(rows),
             routed=results.count("routed"),
             unmatched=results.count("unmatched"),
@@ -264,7 +235,7 @@ class Repository:
 
     # -- claiming and acknowledging --------------------------------------------------------
 
-    async def claim(self, worker: str, limit: int, lease_seconds: float) -> list[delivery.Job]:
+    async def claim(self, worker: str, limit: int, lease_seconds: float) -> list[model.Job]:
         # One round trip; the locking lives in dispatcher_claim() (sql/006_claim.sql).
         rows = await self.pool.fetch(
             "SELECT * FROM dispatcher_claim($1, $2, $3)", worker, limit, lease_seconds
@@ -273,7 +244,7 @@ class Repository:
 
     async def claim_probe(
         self, worker: str, subscription_id: str, lease_seconds: float
-    ) -> list[delivery.Job]:
+    ) -> list[model.Job]:
         """One delivery of a paused subscription, for the health probe (sql/005)."""
         rows = await self.pool.fetch(
             "SELECT * FROM dispatcher_claim_probe($1, $2, $3)",
@@ -283,7 +254,7 @@ class Repository:
         )
         return [_job(r, self.box) for r in rows]
 
-    async def ack(self, acks: Sequence[Ack], worker: str) -> set[int]:
+    async def ack(self, acks: Sequence[model.Ack], worker: str) -> set[int]:
         """Apply results; return the ids whose token still matched (the rest were stale)."""
         rows = await self.pool.fetch(
             _ACK_SQL,
@@ -305,7 +276,7 @@ class Repository:
 
     async def reclaim_expired(self, max_attempts: int) -> Reclaimed:
         rows = await self.pool.fetch(_RECLAIM_SQL, max_attempts)
-        dead = sum(1 for r in rows if r["state"] == "dead")
+        dead = sum(1 for r in rows if r["state"] == model.DeliveryState.DEAD)
         return Reclaimed(requeued=len(rows) - dead, dead=dead)
 
     async def release(self, leases: Iterable[tuple[int, int]]) -> None:
@@ -377,28 +348,14 @@ class Repository:
         )
         return [subscription_dict(r) for r in rows]
 
-    async def get_subscription(
-        self, subscription_id: str, *, include_secret: bool = False
-    ) -> dict[str, Any] | None:
-        row = await self.pool.fetchrow(
-            f"SELECT {SUBSCRIPTION_COLUMNS} FROM webhook_subscriptions WHERE id = $1",
-            uuid.UUID(subscription_id),
-        )
-        if row is None:
-            return None
-        out = subscription_dict(row)
-        if include_secret:
-            out["secret"] = self.box.open(row["secret"])
-        return out
-
     # -- health ----------------------------------------------------------------------------
 
     async def ping(self) -> None:
         await self.pool.fetchval("SELECT 1")
 
 
-def subscription_dict(row: Any, *, include_secret: bool = False) -> dict[str, Any]:
-    """A subscription as the API and CLI show it; the secret only when asked for."""
+def subscription_dict(row: Any) -> dict[str, Any]:
+    """A subscription as the API and CLI show it (never its secret)."""
     out: dict[str, Any] = {
         "id": str(row["id"]),
         "url": row["url"],
@@ -421,6 +378,4 @@ def subscription_dict(row: Any, *, include_secret: bool = False) -> dict[str, An
         ),
         "retry_policy": orjson.loads(row["retry_policy"]) if row["retry_policy"] else None,
     }
-    if include_secret:
-        out["secret"] = row["secret"]
     return out

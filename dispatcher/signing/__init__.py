@@ -92,7 +92,7 @@ class SignerRegistry:
         )
         for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
             if entry.name in registry._signers:
-                continue
+                continue  # a plugin never replaces a built-in
             factory = entry.load()
             signer = factory()
             if not isinstance(signer, Signer):

@@ -1,4 +1,4 @@
-"""Standard Webhooks v1 (https://www.standardwebhooks.com): ``webhook-id``,
+"""Standard Webhooks v1: ``webhook-id``,
 ``webhook-timestamp`` and ``webhook-signature`` = ``v1,<base64 HMAC-SHA256("id.ts.body")>``,
 one space-separated entry per secret still valid (rotation grace period)."""
 

@@ -27,7 +27,7 @@ import prometheus_client as prom
 import pytest
 import standardwebhooks
 
-from dispatcher import app, config, secretbox
+from dispatcher import app, config, ports, secretbox
 from dispatcher.db import pool as db_pool
 from dispatcher.db import repository
 from tests import support
@@ -40,22 +40,12 @@ from tests.integration.test_ssrf_canary import Canary, canary, loopback_spelling
 
 __all__ = ["canary"]  # the canary fixture, shared with the SSRF integration tests
 
-SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 MANY_RETRIES = config.RetryPolicy(
     base_seconds=0.01, cap_seconds=0.1, max_attempts=1000, max_4xx_attempts=2
 )
 
 
 # -- helpers ----------------------------------------------------------------------------------
-
-
-async def subscribe(
-    pool: Any, url: str, *, max_in_flight: int = 10, event_types: tuple[str, ...] = ("*",)
-) -> str:
-    sub = await repository.Repository(pool).create_subscription(
-        url=url, event_types=list(event_types), secret=SECRET, max_in_flight=max_in_flight
-    )
-    return str(sub["id"])
 
 
 async def publish(
@@ -98,7 +88,7 @@ def text_of(running: Any) -> str:
 def spawn(
     dsn: str, tmp_path: Path, name: str, **env: str
 ) -> tuple[subprocess.Popen[bytes], int, Path]:
-    port = support.free_port()
+    port = ports.free_port()
     log = tmp_path / f"{name}.log"
     proc = support.spawn_dispatcher(
         dsn,
@@ -167,7 +157,7 @@ async def test_sigkill_one_of_three_replicas_at_a_random_point(  # noqa: PLR0917
     rng = random.Random(seed)
     n = 1500 if LONG else 300
     chaos.modes["a"] = rx.Mode("slow", delay=0.01)
-    sid = await subscribe(pool, chaos.url("a"), max_in_flight=6)
+    sid = await support.subscribe(pool, chaos.url("a"), max_in_flight=6)
     await publish(pool, n, keys=10)
     started = [spawn(dsn, tmp_path, f"r{seed}-{i}", **CHILD_ENV) for i in range(3)]
     procs += [p for p, _port, _log in started]
@@ -190,7 +180,7 @@ async def test_sigkill_one_of_three_replicas_at_a_random_point(  # noqa: PLR0917
 async def test_crash_after_send_before_ack(
     pool: Any, dsn: str, chaos: ChaosReceiver, tmp_path: Path, procs: list[Any]
 ) -> None:
-    sid = await subscribe(pool, chaos.url("a"), max_in_flight=1)
+    sid = await support.subscribe(pool, chaos.url("a"), max_in_flight=1)
     await publish(pool, 20)
     first, _port, _log = spawn(dsn, tmp_path, "crashing", **CHILD_ENV)
     procs.append(first)
@@ -221,7 +211,7 @@ async def test_crash_after_send_before_ack(
 async def test_poison_delivery_that_kills_every_worker_is_dead_lettered(
     pool: Any, dsn: str, chaos: ChaosReceiver, tmp_path: Path, procs: list[Any]
 ) -> None:
-    sid = await subscribe(pool, chaos.url("a"), max_in_flight=1)
+    sid = await support.subscribe(pool, chaos.url("a"), max_in_flight=1)
     await publish(pool, 1)
     env = {**CHILD_ENV, "DISPATCHER_MAX_ATTEMPTS": "3"}
     current: dict[str, subprocess.Popen[bytes]] = {}
@@ -260,7 +250,7 @@ async def test_sigterm_drains_what_is_on_the_wire(
     pool: Any, dsn: str, chaos: ChaosReceiver, tmp_path: Path, procs: list[Any]
 ) -> None:
     chaos.modes["a"] = rx.Mode("slow", delay=0.5)
-    sid = await subscribe(pool, chaos.url("a"), max_in_flight=4)
+    sid = await support.subscribe(pool, chaos.url("a"), max_in_flight=4)
     await publish(pool, 4)
     proc, port, log = spawn(dsn, tmp_path, "drain", **CHILD_ENV)
     procs.append(proc)
@@ -284,7 +274,7 @@ async def test_stale_worker_paused_past_its_lease_is_fenced(
     pool: Any, dsn: str, chaos: ChaosReceiver, tmp_path: Path, procs: list[Any]
 ) -> None:
     chaos.modes["a"] = rx.Mode("slow", delay=0.3)
-    sid = await subscribe(pool, chaos.url("a"), max_in_flight=4)
+    sid = await support.subscribe(pool, chaos.url("a"), max_in_flight=4)
     env = {**CHILD_ENV, "DISPATCHER_REQUEST_TIMEOUT": "1"}
     stale, _p, _l = spawn(dsn, tmp_path, "stale", **env)
     procs.append(stale)
@@ -396,7 +386,7 @@ async def test_postgres_restart(
     n = 300 if LONG else 150  # the producer is still publishing when the server goes down
     pool = await asyncpg.create_pool(owned_dsn, min_size=1, max_size=2)
     try:
-        sid = await subscribe(pool, chaos.url("a"))
+        sid = await support.subscribe(pool, chaos.url("a"))
         d, stop, task = await run_dispatcher(fast_settings(owned_dsn))
         producer = Producer(owned_dsn, sid)
         produce = asyncio.create_task(producer.run(n))
@@ -436,7 +426,7 @@ async def test_backends_terminated_while_delivering(
     pool: Any, chaos: ChaosReceiver, start_dispatcher: Any
 ) -> None:
     chaos.modes["a"] = rx.Mode("slow", delay=0.005)
-    sid = await subscribe(pool, chaos.url("a"))
+    sid = await support.subscribe(pool, chaos.url("a"))
     running = await start_dispatcher()
     terminated = 0
     last = 0.0
@@ -465,7 +455,7 @@ async def test_backends_terminated_while_delivering(
 async def test_listen_connection_lost_while_events_arrive(
     pool: Any, chaos: ChaosReceiver, start_dispatcher: Any
 ) -> None:
-    sid = await subscribe(pool, chaos.url("a"))
+    sid = await support.subscribe(pool, chaos.url("a"))
     # A slow poll: only NOTIFY (or the rescan after a reconnect) makes delivery quick.
     running = await start_dispatcher(poll_interval_seconds=2.0)
     await publish(pool, 10)
@@ -492,7 +482,7 @@ async def test_listen_connection_lost_while_events_arrive(
 # -- receivers misbehaving --------------------------------------------------------------------
 
 
-FAST_HEALTH = config.HealthPolicy(
+FAST_HEALTH = config.EndpointHealthPolicy(
     disable_after_seconds=0,
     breaker_failure_ratio=0.5,
     breaker_min_attempts=10,
@@ -513,10 +503,10 @@ async def test_flaky_then_down_then_healthy(
         return {"flaky": flaky(n), "down": rx.DOWN, "healthy": rx.OK}[phase["now"]]
 
     chaos.modes["a"] = behave
-    sid = await subscribe(pool, chaos.url("a"), max_in_flight=4)
+    sid = await support.subscribe(pool, chaos.url("a"), max_in_flight=4)
     n = 600 if LONG else 200
     await publish(pool, n, keys=5)
-    running = await start_dispatcher(retry=MANY_RETRIES, health=FAST_HEALTH)
+    running = await start_dispatcher(retry=MANY_RETRIES, endpoint_health=FAST_HEALTH)
     await support.wait_for(lambda: len(chaos.log) >= 60, timeout=20, message="flaky phase")
     phase["now"] = "down"
     down_at = len(chaos.log)
@@ -555,7 +545,7 @@ async def test_400_410_429(pool: Any, chaos: ChaosReceiver, start_dispatcher: An
     chaos.modes["gone"] = rx.status(410)
     chaos.modes["busy"] = lambda n: rx.status(429, Retry_After="1") if n < 2 else rx.OK
     subs = {
-        await subscribe(pool, chaos.url(name), event_types=(f"{name}.x",)): name
+        await support.subscribe(pool, chaos.url(name), event_types=(f"{name}.x",)): name
         for name in ("bad", "gone", "busy")
     }
     for name in ("bad", "gone", "busy"):
@@ -601,7 +591,7 @@ async def test_blackhole_trickle_and_slow_headers_end_at_the_deadline(
     chaos.modes["slowhdr"] = rx.Mode("slow", delay=30)
     names = {}
     for name in ("hole", "trickle", "slowhdr"):
-        names[await subscribe(pool, chaos.url(name), event_types=(f"{name}.x",))] = name
+        names[await support.subscribe(pool, chaos.url(name), event_types=(f"{name}.x",))] = name
         await publish(pool, 2, event_type=f"{name}.x")
     retry = config.RetryPolicy(base_seconds=0.01, cap_seconds=0.05, max_attempts=2)
     await start_dispatcher(request_timeout_seconds=1.0, connect_timeout_seconds=0.5, retry=retry)
@@ -638,7 +628,7 @@ async def test_huge_and_gzip_bomb_responses_keep_memory_bounded(
     chaos.modes["bomb"] = rx.Mode("gzip", size=8 << 20)
     names = {}
     for name in ("huge", "bomb"):
-        names[await subscribe(pool, chaos.url(name), event_types=(f"{name}.x",))] = name
+        names[await support.subscribe(pool, chaos.url(name), event_types=(f"{name}.x",))] = name
         await publish(pool, 10, event_type=f"{name}.x")
     proc, port, _log = spawn(dsn, tmp_path, "memory", **CHILD_ENV)
     procs.append(proc)
@@ -665,7 +655,7 @@ async def test_redirects_are_not_followed(
 ) -> None:
     # The canary is on allow-listed 127.0.0.1: only not following the redirect keeps it dark.
     chaos.modes["moved"] = rx.Mode("redirect", location=f"http://127.0.0.1:{canary.port}/x")
-    sid = await subscribe(pool, chaos.url("moved"))
+    sid = await support.subscribe(pool, chaos.url("moved"))
     await publish(pool, 3)
     await start_dispatcher()
     await wait_state(pool, 3, "dead", timeout=20)
@@ -688,7 +678,7 @@ async def test_ssrf_table_through_the_running_dispatcher(
     for url in urls:
         # Straight into the table: rows that predate a policy change, or a DNS answer that
         # changed since creation, must still be refused at every attempt.
-        await repo.create_subscription(url=url, event_types=["ssrf.x"], secret=SECRET)
+        await repo.create_subscription(url=url, event_types=["ssrf.x"], secret=support.SECRET)
     await publish(pool, 1, event_type="ssrf.x")
     running = await start_dispatcher(allow_cidrs=())
     await wait_state(pool, len(urls), "dead", timeout=30)
@@ -708,8 +698,8 @@ async def test_slow_subscriber_does_not_slow_the_others(
     pool: Any, chaos: ChaosReceiver, start_dispatcher: Any
 ) -> None:
     chaos.modes["slow"] = rx.Mode("slow", delay=2.0)
-    await subscribe(pool, chaos.url("slow"), max_in_flight=2, event_types=("slow.x",))
-    fast = await subscribe(pool, chaos.url("fast"), max_in_flight=10, event_types=("fast.x",))
+    await support.subscribe(pool, chaos.url("slow"), max_in_flight=2, event_types=("slow.x",))
+    fast = await support.subscribe(pool, chaos.url("fast"), event_types=("fast.x",))
     await publish(pool, 100, event_type="slow.x")
     await start_dispatcher()
     await support.wait_for(
@@ -749,7 +739,7 @@ async def test_backlog_released_after_an_outage_respects_the_cap(
     n = 10_000 if LONG else 400
     cap = 8
     chaos.modes["a"] = rx.Mode("slow", delay=0.002)
-    sid = await subscribe(pool, chaos.url("a"), max_in_flight=cap)
+    sid = await support.subscribe(pool, chaos.url("a"), max_in_flight=cap)
     await publish(pool, n)  # the outage: nothing runs while the backlog builds
     began = time.monotonic()
     first = await start_dispatcher()

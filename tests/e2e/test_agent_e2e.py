@@ -1,5 +1,5 @@
 """The real thing: `dispatcher agent`, `dispatcher run` and receivers as separate processes on
-one database. Callbacks are verified the way a caller would (the seed article's snippet and
+one database. Callbacks are verified the way a caller would (a plain hmac body check and
 the `standardwebhooks` library), arrive in order even from a flaky endpoint, and an agent
 killed between steps resumes without the caller seeing any event twice."""
 
@@ -23,7 +23,7 @@ import asyncpg
 import pytest
 import standardwebhooks
 
-from dispatcher import signing
+from dispatcher import ports, signing
 from tests import support
 
 SECRET = signing.generate_secret()
@@ -32,7 +32,7 @@ ORDER = ["DATA_ENRICHMENT_COMPLETE", "CRITERIA_CHECK_COMPLETE", "COMPLETE"]
 
 
 def verify_webhook_signature(secret: str, payload_raw: bytes, signature_header: str) -> bool:
-    """The receiver check from the seed article, unchanged in substance."""
+    """A body-HMAC receiver check as a caller would write it."""
     expected_signature = hmac.new(secret.encode("utf-8"), payload_raw, hashlib.sha256).hexdigest()
     if signature_header.startswith("sha256="):
         signature_header = signature_header[len("sha256=") :]
@@ -58,7 +58,7 @@ class Processes:
         return proc
 
     async def agent(self, step_delay: float, name: str = "agent") -> tuple[Any, str]:
-        port = support.free_port()
+        port = ports.free_port()
         proc = support.spawn_dispatcher(
             self.dsn,
             args=("agent",),
@@ -76,7 +76,7 @@ class Processes:
         return proc, url
 
     async def example_receiver(self, fail_ratio: float, seed: int) -> str:
-        port = support.free_port()
+        port = ports.free_port()
         proc = _spawn_example_receiver(port, fail_ratio, seed)
         self.procs.append(proc)
         base = f"http://127.0.0.1:{port}"
@@ -271,7 +271,7 @@ async def test_agent_refuses_to_start_without_a_secret(dsn: str, tmp_path: Path)
     proc = support.spawn_dispatcher(
         dsn,
         args=("agent",),
-        extra_env={"AGENT_LISTEN": f"127.0.0.1:{support.free_port()}"},
+        extra_env={"AGENT_LISTEN": f"127.0.0.1:{ports.free_port()}"},
         log_path=tmp_path / "agent.log",
     )
     assert await asyncio.to_thread(proc.wait, 30) == 2

@@ -6,13 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import io
-import os
-import sys
 from typing import Any
 
-import orjson
 import pytest
 
 import dispatcher
@@ -20,44 +16,15 @@ from dispatcher import cli
 from dispatcher.db import repository
 from tests import support
 
-
-@dataclasses.dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-    def json(self) -> Any:
-        assert self.code == 0, self
-        return orjson.loads(self.out)
+Result = support.CliResult
 
 
 def _env(dsn: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCHER_")}
-    env.update(
-        {
-            "DATABASE_URL": dsn,
-            "DISPATCHER_ALLOW_CIDRS": "127.0.0.1/32",
-            "DISPATCHER_LOG_FORMAT": "json",
-        }
-    )
-    return env
+    return support.cli_env(dsn, DISPATCHER_ALLOW_CIDRS="127.0.0.1/32", DISPATCHER_LOG_FORMAT="json")
 
 
 async def _cli(dsn: str, *args: str) -> Result:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "dispatcher",
-        *args,
-        env=_env(dsn),
-        cwd=support.ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
-    assert proc.returncode is not None
-    return Result(proc.returncode, out.decode(), err.decode())
+    return await support.run_cli(_env(dsn), *args)
 
 
 async def _failed(result: Result, *needles: str) -> None:

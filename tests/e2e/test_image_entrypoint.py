@@ -19,16 +19,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import uuid
 import zipfile
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import asyncpg
 import pytest
 
+from dispatcher import ports
 from tests import support
-from tests.unit import test_deploy
+from tests.integration import test_deploy
 
 ROOT = support.ROOT
 # What the Dockerfile's build stage COPYs (its test pins the same list).
@@ -93,33 +91,22 @@ def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return target
 
 
-@pytest.fixture
-async def empty_dsn(server_dsn: str) -> AsyncIterator[str]:
-    """A database with no schema at all (the ``dsn`` fixture's clones are migrated)."""
-    name = f"t_empty_{uuid.uuid4().hex[:12]}"
-    conn = await asyncpg.connect(server_dsn)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    yield support.with_database(server_dsn, name)
-    conn = await asyncpg.connect(server_dsn)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
-
-
-def test_wheel_ships_every_migration(wheel: Path) -> None:
+@pytest.mark.parametrize(
+    ("packaged", "source"),
+    [("dispatcher/sql/", ROOT / "sql"), ("dispatcher/agent/sql/", ROOT / "dispatcher/agent/sql")],
+)
+def test_wheel_ships_every_migration(wheel: Path, packaged: str, source: Path) -> None:
+    """Both tracks: the dispatcher's and the reference agent's own."""
     with zipfile.ZipFile(wheel) as archive:
         shipped = {
-            name.removeprefix("dispatcher/sql/"): archive.read(name)
+            name.removeprefix(packaged): archive.read(name)
             for name in archive.namelist()
-            if name.startswith("dispatcher/sql/")
+            if name.startswith(packaged)
         }
-    assert sorted(shipped) == MIGRATIONS
+    assert sorted(shipped) == sorted(p.name for p in source.glob("*.sql"))
+    assert shipped
     for name, content in shipped.items():
-        assert content == (ROOT / "sql" / name).read_bytes(), name
+        assert content == (source / name).read_bytes(), name
 
 
 async def _python(installed: Path, *args: str, **env: str) -> tuple[int, str]:
@@ -205,7 +192,7 @@ async def _healthcheck(listen: str) -> int:
 async def test_entrypoint_run_passes_the_healthcheck_and_stops_on_sigterm(
     dsn: str, tmp_path: Path
 ) -> None:
-    port = support.free_port()
+    port = ports.free_port()
     log = tmp_path / "dispatcher.log"
     # The image's environment, except that tests listen on loopback only. The health check is
     # told the wildcard address the image uses, which it must map to loopback.

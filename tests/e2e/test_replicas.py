@@ -9,25 +9,9 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import dispatcher
-from dispatcher import delivery
+from dispatcher import model
 from dispatcher.db import repository
 from tests import support
-
-SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
-
-
-async def _subscribe(pool: Any, url: str, max_in_flight: int) -> str:
-    sub = await repository.Repository(pool).create_subscription(
-        url=url, event_types=["*"], secret=SECRET, max_in_flight=max_in_flight
-    )
-    return str(sub["id"])
-
-
-async def _publish(pool: Any, n: int) -> None:
-    async with pool.acquire() as conn, conn.transaction():
-        for i in range(n):
-            await dispatcher.publish(conn, "e.x", {"i": i})
 
 
 async def _count(pool: Any, state: str) -> int:
@@ -47,8 +31,8 @@ async def test_max_in_flight_holds_across_three_replicas(
     pool: Any, dsn: str, receiver: support.Receiver, tmp_path: Path
 ) -> None:
     receiver.respond = lambda _n, _h, _b: (200, {}, 0.02)
-    await _subscribe(pool, receiver.url, max_in_flight=3)
-    await _publish(pool, 120)
+    await support.subscribe(pool, receiver.url, max_in_flight=3)
+    await support.publish(pool, 120)
     procs = [support.spawn_dispatcher(dsn, log_path=tmp_path / f"r{i}.log") for i in range(3)]
     try:
         await support.wait_for(
@@ -73,8 +57,8 @@ async def test_sigkill_mid_delivery_loses_nothing(
     pool: Any, dsn: str, receiver: support.Receiver, tmp_path: Path
 ) -> None:
     receiver.release.clear()  # hold requests on the wire so the kill lands mid-delivery
-    await _subscribe(pool, receiver.url, max_in_flight=5)
-    await _publish(pool, 20)
+    await support.subscribe(pool, receiver.url, max_in_flight=5)
+    await support.publish(pool, 20)
     env = {
         "DISPATCHER_REQUEST_TIMEOUT": "2",
         "DISPATCHER_CONNECT_TIMEOUT": "1",
@@ -109,8 +93,8 @@ async def test_sigterm_drains_in_flight_requests(
     pool: Any, dsn: str, receiver: support.Receiver, tmp_path: Path
 ) -> None:
     receiver.respond = lambda _n, _h, _b: (200, {}, 0.5)
-    await _subscribe(pool, receiver.url, max_in_flight=4)
-    await _publish(pool, 4)
+    await support.subscribe(pool, receiver.url, max_in_flight=4)
+    await support.publish(pool, 4)
     log = tmp_path / "drain.log"
     proc = support.spawn_dispatcher(dsn, log_path=log)
     try:
@@ -134,8 +118,8 @@ async def test_sigterm_releases_what_outlives_the_grace_period(
     pool: Any, dsn: str, receiver: support.Receiver, tmp_path: Path
 ) -> None:
     receiver.release.clear()
-    await _subscribe(pool, receiver.url, max_in_flight=2)
-    await _publish(pool, 2)
+    await support.subscribe(pool, receiver.url, max_in_flight=2)
+    await support.publish(pool, 2)
     proc = support.spawn_dispatcher(
         dsn, extra_env={"DISPATCHER_SHUTDOWN_GRACE": "0.2"}, log_path=tmp_path / "grace.log"
     )
@@ -157,8 +141,8 @@ async def test_stale_worker_ack_changes_nothing(pool: Any, dsn: str) -> None:
     """A worker paused past its lease: the reaper requeues, another worker claims, and the
     first worker's late result is fenced off by the token and counted as stale."""
     repo = repository.Repository(pool)
-    await _subscribe(pool, "http://127.0.0.1:9/", max_in_flight=1)
-    await _publish(pool, 1)
+    await support.subscribe(pool, "http://127.0.0.1:9/", max_in_flight=1)
+    await support.publish(pool, 1)
     await repo.route(10)
     [stale] = await repo.claim("paused-worker", 10, lease_seconds=0.05)
     await support.wait_for(lambda: _expired(pool), message="lease expiry")
@@ -169,14 +153,14 @@ async def test_stale_worker_ack_changes_nothing(pool: Any, dsn: str) -> None:
     assert fresh.lease_token != stale.lease_token
     assert fresh.attempt == 2
 
-    applied = await repo.ack([_ack(stale, "delivered")], "paused-worker")
+    applied = await repo.ack([_ack(stale, model.DeliveryState.DELIVERED)], "paused-worker")
     assert applied == set()
     row = await pool.fetchrow("SELECT state, lease_token FROM webhook_deliveries")
     assert (row["state"], row["lease_token"]) == ("in_flight", fresh.lease_token)
     logged = await pool.fetchrow("SELECT applied, worker FROM webhook_attempts")
     assert (logged["applied"], logged["worker"]) == (False, "paused-worker")
 
-    applied = await repo.ack([_ack(fresh, "delivered")], "live-worker")
+    applied = await repo.ack([_ack(fresh, model.DeliveryState.DELIVERED)], "live-worker")
     assert applied == {fresh.delivery_id}
     assert await pool.fetchval("SELECT state FROM webhook_deliveries") == "delivered"
 
@@ -190,8 +174,8 @@ async def _expired(pool: Any) -> bool:
     )
 
 
-def _ack(job: delivery.Job, state: str) -> repository.Ack:
-    return repository.Ack(
+def _ack(job: model.Job, state: model.DeliveryState) -> model.Ack:
+    return model.Ack(
         delivery_id=job.delivery_id,
         lease_token=job.lease_token,
         attempt=job.attempt,
@@ -210,8 +194,8 @@ async def test_poison_delivery_is_dead_after_the_attempt_limit(pool: Any) -> Non
     """A delivery whose worker dies every time (no ack ever) ends dead: the attempt counter
     moves at claim time and the reaper stops at the limit."""
     repo = repository.Repository(pool)
-    await _subscribe(pool, "http://127.0.0.1:9/", max_in_flight=1)
-    await _publish(pool, 1)
+    await support.subscribe(pool, "http://127.0.0.1:9/", max_in_flight=1)
+    await support.publish(pool, 1)
     await repo.route(10)
     for _ in range(3):
         jobs = await repo.claim("crashing-worker", 10, lease_seconds=0.01)

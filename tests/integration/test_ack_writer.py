@@ -8,7 +8,7 @@ from typing import Any
 import prometheus_client as prom
 
 import dispatcher
-from dispatcher import claimer, metrics
+from dispatcher import claimer, metrics, model
 from dispatcher.db import repository
 
 
@@ -29,11 +29,11 @@ async def test_a_rejected_row_is_split_out_and_the_rest_is_written(pool: Any) ->
     )
     for n, job in enumerate(jobs):
         writer.put(
-            repository.Ack(
+            model.Ack(
                 delivery_id=job.delivery_id,
                 lease_token=job.lease_token,
                 attempt=job.attempt,
-                state="delivered",
+                state=model.DeliveryState.DELIVERED,
                 delay_seconds=None,
                 status=200,
                 error=None,

@@ -296,7 +296,7 @@ async def test_two_agents_never_run_the_same_job(
     # breaker: this test is about ordering and claiming, not about pausing a bad endpoint.
     await start_dispatcher(
         retry=config.RetryPolicy(base_seconds=0.01, cap_seconds=0.05),
-        health=config.HealthPolicy(breaker_failure_ratio=0.0),
+        endpoint_health=config.EndpointHealthPolicy(breaker_failure_ratio=0.0),
     )
     # A small step delay keeps jobs in progress long enough for both runners to compete.
     agents = [

@@ -40,7 +40,7 @@ AUTH_FAILURES = [
 
 
 async def test_every_route_needs_the_bearer_token(api: Client) -> None:
-    from dispatcher import api as api_module
+    from dispatcher.web import admin_api as api_module
 
     sid, did = uuid.uuid4(), 1
     for (method, path, _handler), (header, detail) in itertools.product(

@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from dispatcher import api as api_module
-from dispatcher import openapi
+from dispatcher.web import admin_api as api_module
+from dispatcher.web import openapi
 from tests.integration.api_support import Client, api
 
 __all__ = ["api"]  # the fixture, imported for pytest

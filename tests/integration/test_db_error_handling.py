@@ -18,9 +18,10 @@ import prometheus_client as prom
 import pytest
 from aiohttp import web
 
-from dispatcher import cli, cli_manage, gauges, metrics, ssrf
+from dispatcher import gauges, metrics, ssrf
 from dispatcher.agent import api as agent_api
 from dispatcher.agent import runner
+from dispatcher.cli import context, manage
 from dispatcher.db import pool as db_pool
 from tests import support
 
@@ -118,5 +119,5 @@ async def test_operator_cli_prints_one_line(dsn: str) -> None:
         "DATABASE_URL": dsn,
     }
     # In a thread: the CLI runs its own event loop.
-    with pytest.raises(cli.CliError, match=r"^database: InternalClientError: cannot switch"):
-        await asyncio.to_thread(cli_manage._execute, env, operation)
+    with pytest.raises(context.CliError, match=r"^database: InternalClientError: cannot switch"):
+        await asyncio.to_thread(manage._execute, context.Context.from_env(env), operation)

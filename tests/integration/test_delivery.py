@@ -11,25 +11,9 @@ from typing import Any
 import standardwebhooks
 
 import dispatcher
-from dispatcher import config
+from dispatcher import config, ports
 from dispatcher.db import repository
 from tests import support
-
-SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
-
-
-async def _subscribe(pool: Any, url: str, **kw: Any) -> str:
-    sub = await repository.Repository(pool).create_subscription(
-        url=url, event_types=["t.*"], secret=SECRET, **kw
-    )
-    return str(sub["id"])
-
-
-async def _publish(pool: Any, n: int = 1, **kw: Any) -> list[str]:
-    async with pool.acquire() as conn:
-        return [
-            await dispatcher.publish(conn, "t.x", {"n": i, "text": "héllo"}, **kw) for i in range(n)
-        ]
 
 
 async def _states(pool: Any) -> list[str]:
@@ -41,22 +25,22 @@ async def _states(pool: Any) -> list[str]:
 async def test_delivers_signed_request_verified_independently(
     pool: Any, receiver: support.Receiver, start_dispatcher: Any
 ) -> None:
-    await _subscribe(pool, receiver.url, signature_header="X-AgentX-Signature")
-    [event_id] = await _publish(pool)
+    await support.subscribe(pool, receiver.url, signature_header="X-AgentX-Signature")
+    [event_id] = await support.publish(pool, payload=lambda i: {"n": i, "text": "héllo"})
     await start_dispatcher()
     await support.wait_for(receiver.ok, message="a delivery")
     req = receiver.requests[0]
     assert req.headers["content-type"] == "application/json"
     assert req.headers["webhook-id"] == event_id
     # Standard Webhooks, verified by the public library.
-    wh = standardwebhooks.Webhook(SECRET)
+    wh = standardwebhooks.Webhook(support.SECRET)
     payload = wh.verify(
         req.body,
         {k: req.headers[k] for k in ("webhook-id", "webhook-timestamp", "webhook-signature")},
     )
     assert payload == {"n": 0, "text": "héllo"}
-    # Body HMAC, verified the way the seed article's receiver does it.
-    expected = hmac.new(SECRET.encode(), req.body, hashlib.sha256).hexdigest()
+    # Body HMAC, verified the way a receiver's few lines of hmac would.
+    expected = hmac.new(support.SECRET.encode(), req.body, hashlib.sha256).hexdigest()
     assert req.headers["x-agentx-signature"] == "sha256=" + expected
     await support.wait_for(lambda: _states(pool), message="ack")
     await support.wait_for(lambda: _all(pool, "delivered"), message="delivered state")
@@ -75,8 +59,8 @@ async def test_retries_then_succeeds_with_same_id_and_bytes(
     pool: Any, receiver: support.Receiver, start_dispatcher: Any
 ) -> None:
     receiver.respond = lambda n, _h, _b: (500 if n < 2 else 200, {}, 0.0)
-    await _subscribe(pool, receiver.url)
-    await _publish(pool)
+    await support.subscribe(pool, receiver.url)
+    await support.publish(pool)
     await start_dispatcher()
     await support.wait_for(lambda: _all(pool, "delivered"), message="delivered after retries")
     assert [r.status for r in receiver.requests] == [500, 500, 200]
@@ -96,8 +80,8 @@ async def test_exhausted_retries_dead_letter_with_last_error(
     pool: Any, receiver: support.Receiver, start_dispatcher: Any
 ) -> None:
     receiver.respond = lambda _n, _h, _b: (503, {}, 0.0)
-    await _subscribe(pool, receiver.url)
-    await _publish(pool)
+    await support.subscribe(pool, receiver.url)
+    await support.publish(pool)
     await start_dispatcher(
         retry=config.RetryPolicy(base_seconds=0.01, cap_seconds=0.02, max_attempts=3)
     )
@@ -117,8 +101,8 @@ async def test_client_errors_are_retried_a_few_times_then_dead(
     pool: Any, receiver: support.Receiver, start_dispatcher: Any
 ) -> None:
     receiver.respond = lambda _n, _h, _b: (400, {}, 0.0)
-    await _subscribe(pool, receiver.url)
-    await _publish(pool)
+    await support.subscribe(pool, receiver.url)
+    await support.publish(pool)
     await start_dispatcher()  # fast_settings: max_4xx_attempts=2, max_attempts=5
     await support.wait_for(lambda: _all(pool, "dead"), message="dead after 4xx")
     assert len(receiver.requests) == 2
@@ -130,8 +114,8 @@ async def test_redirect_is_a_failure_and_never_followed(
     target = await make_receiver()
     redirecting = await make_receiver()
     redirecting.respond = lambda _n, _h, _b: (302, {"Location": target.url}, 0.0)
-    await _subscribe(pool, redirecting.url)
-    await _publish(pool)
+    await support.subscribe(pool, redirecting.url)
+    await support.publish(pool)
     await start_dispatcher()
     await support.wait_for(lambda: _all(pool, "dead"), message="dead after redirects")
     assert target.requests == []
@@ -143,8 +127,8 @@ async def test_gone_disables_subscription_and_parks_its_work(
     pool: Any, receiver: support.Receiver, start_dispatcher: Any
 ) -> None:
     receiver.respond = lambda _n, _h, _b: (410, {}, 0.0)
-    sub = await _subscribe(pool, receiver.url, max_in_flight=1)
-    await _publish(pool, 3)
+    sub = await support.subscribe(pool, receiver.url, max_in_flight=1)
+    await support.publish(pool, 3)
     await start_dispatcher()
     await support.wait_for(lambda: _all(pool, "parked"), message="all parked")
     row = await pool.fetchrow("SELECT enabled, disabled_reason FROM webhook_subscriptions")
@@ -163,8 +147,8 @@ async def test_retry_after_is_honoured(
     receiver.respond = lambda n, _h, _b: (
         (429, {"Retry-After": "1"}, 0.0) if n == 0 else (200, {}, 0.0)
     )
-    await _subscribe(pool, receiver.url)
-    await _publish(pool)
+    await support.subscribe(pool, receiver.url)
+    await support.publish(pool)
     await start_dispatcher()
     await support.wait_for(lambda: _all(pool, "delivered"), timeout=10, message="delivered")
     gap = receiver.requests[1].at - receiver.requests[0].at
@@ -178,8 +162,8 @@ async def test_retry_after_is_clamped(
 ) -> None:
     far = datetime(2099, 1, 1, tzinfo=UTC).strftime("%a, %d %b %Y %H:%M:%S GMT")
     receiver.respond = lambda _n, _h, _b: (503, {"Retry-After": far}, 0.0)
-    await _subscribe(pool, receiver.url)
-    await _publish(pool)
+    await support.subscribe(pool, receiver.url)
+    await support.publish(pool)
     policy = config.RetryPolicy(
         base_seconds=0.01, cap_seconds=0.02, max_attempts=5, retry_after_max_seconds=30
     )
@@ -194,8 +178,8 @@ async def test_retry_after_is_clamped(
 async def test_unreachable_url_is_retried_as_connect_error(
     pool: Any, start_dispatcher: Any
 ) -> None:
-    await _subscribe(pool, f"http://127.0.0.1:{support.free_port()}/nothing-listens")
-    await _publish(pool)
+    await support.subscribe(pool, f"http://127.0.0.1:{ports.free_port()}/nothing-listens")
+    await support.publish(pool)
     await start_dispatcher(
         retry=config.RetryPolicy(base_seconds=0.01, cap_seconds=0.02, max_attempts=2)
     )
@@ -205,8 +189,8 @@ async def test_unreachable_url_is_retried_as_connect_error(
 
 
 async def test_blocked_destination_is_dead_at_once(pool: Any, start_dispatcher: Any) -> None:
-    await _subscribe(pool, "http://169.254.169.254/latest/meta-data")
-    await _publish(pool)
+    await support.subscribe(pool, "http://169.254.169.254/latest/meta-data")
+    await support.publish(pool)
     await start_dispatcher()
     await support.wait_for(lambda: _all(pool, "dead"), message="blocked → dead")
     rows = await pool.fetch("SELECT outcome, error FROM webhook_attempts")
@@ -221,7 +205,7 @@ async def test_ordering_key_holds_under_random_failures(
 
     rng = random.Random(7)
     receiver.respond = lambda _n, _h, _b: (500 if rng.random() < 0.3 else 200, {}, 0.0)
-    await _subscribe(pool, receiver.url, max_in_flight=10)
+    await support.subscribe(pool, receiver.url, max_in_flight=10)
     keys = ["a", "b", "c"]
     async with pool.acquire() as conn:
         for i in range(30):
@@ -250,11 +234,9 @@ async def test_one_dead_subscriber_does_not_delay_the_others(
     slow = await make_receiver()
     slow.release.clear()  # holds every request until released
     fast = await make_receiver()
-    await _subscribe(pool, slow.url, max_in_flight=2)
-    await repository.Repository(pool).create_subscription(
-        url=fast.url, event_types=["t.*"], secret=SECRET
-    )
-    await _publish(pool, 20)
+    await support.subscribe(pool, slow.url, max_in_flight=2)
+    await support.subscribe(pool, fast.url)
+    await support.publish(pool, 20)
     await start_dispatcher(max_in_flight=8)
     await support.wait_for(lambda: len(fast.ok()) == 20, message="fast subscriber served")
     assert slow.max_concurrent == 2
@@ -270,12 +252,9 @@ async def test_subscription_retry_policy_overrides_the_configured_one(
     default = await make_receiver()
     for r in (strict, default):
         r.respond = lambda _n, _h, _b: (500, {}, 0.0)
-    repo = repository.Repository(pool)
-    await repo.create_subscription(
-        url=strict.url, event_types=["t.*"], secret=SECRET, retry_policy={"max_attempts": 2}
-    )
-    await repo.create_subscription(url=default.url, event_types=["t.*"], secret=SECRET)
-    await _publish(pool)
+    await support.subscribe(pool, strict.url, retry_policy={"max_attempts": 2})
+    await support.subscribe(pool, default.url)
+    await support.publish(pool)
     await start_dispatcher()
     await support.wait_for(lambda: _all(pool, "dead"), message="both dead")
     assert len(strict.requests) == 2

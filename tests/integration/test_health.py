@@ -6,13 +6,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import dispatcher
-from dispatcher import config, health
-from dispatcher.db import repository
+from dispatcher import config
+from dispatcher.db import health as db_health
 from tests import support
 
-SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
-FAST_HEALTH = config.HealthPolicy(
+FAST_HEALTH = config.EndpointHealthPolicy(
     disable_after_seconds=0,
     breaker_failure_ratio=0.5,
     breaker_min_attempts=4,
@@ -26,21 +24,8 @@ MANY_RETRIES = config.RetryPolicy(
 )
 
 
-async def _subscribe(pool: Any, url: str, max_in_flight: int = 2) -> str:
-    sub = await repository.Repository(pool).create_subscription(
-        url=url, event_types=["*"], secret=SECRET, max_in_flight=max_in_flight
-    )
-    return str(sub["id"])
-
-
-async def _publish(pool: Any, n: int) -> None:
-    async with pool.acquire() as conn, conn.transaction():
-        for i in range(n):
-            await dispatcher.publish(conn, "e.x", {"i": i})
-
-
 async def _events(pool: Any, sid: str) -> list[dict[str, Any]]:
-    return list(reversed(await health.events(pool, sid)))
+    return list(reversed(await db_health.events(pool, sid)))
 
 
 def _metric(running: Any, name: str, **labels: str) -> float:
@@ -53,15 +38,15 @@ async def test_breaker_pauses_a_sick_endpoint_probes_it_and_resumes_on_recovery(
 ) -> None:
     healthy = {"now": False}
     receiver.respond = lambda _n, _h, _b: (200 if healthy["now"] else 503, {}, 0.0)
-    sid = await _subscribe(pool, receiver.url)
-    await _publish(pool, 20)
-    running = await start_dispatcher(health=FAST_HEALTH, retry=MANY_RETRIES)
+    sid = await support.subscribe(pool, receiver.url)
+    await support.publish(pool, 20)
+    running = await start_dispatcher(endpoint_health=FAST_HEALTH, retry=MANY_RETRIES)
 
     async def paused() -> bool:
         return any(e["kind"] == "paused" for e in await _events(pool, sid))
 
     await support.wait_for(paused, timeout=10, message="the breaker to trip")
-    status = await health.status(pool, sid)
+    status = await db_health.status(pool, sid)
     assert status is not None
     assert status["paused"]
     assert status["failing_since"] is not None
@@ -87,7 +72,7 @@ async def test_breaker_pauses_a_sick_endpoint_probes_it_and_resumes_on_recovery(
     await support.wait_for(
         lambda: _failing_cleared(pool, sid), timeout=5, message="failing_since reset"
     )
-    status = await health.status(pool, sid)
+    status = await db_health.status(pool, sid)
     assert status is not None
     assert not status["paused"]
     assert status["pause_count"] == 0
@@ -106,22 +91,22 @@ async def _delivered(pool: Any, n: int) -> bool:
 
 
 async def _failing_cleared(pool: Any, sid: str) -> bool:
-    status = await health.status(pool, sid)
+    status = await db_health.status(pool, sid)
     return status is not None and status["failing_since"] is None
 
 
 async def test_a_paused_subscription_is_not_claimed_until_its_pause_ends(
     pool: Any, receiver: support.Receiver, start_dispatcher: Any
 ) -> None:
-    sid = await _subscribe(pool, receiver.url)
+    sid = await support.subscribe(pool, receiver.url)
     await pool.execute(
         "UPDATE webhook_subscriptions SET paused_until = now() + interval '1 hour', "
         "probe_at = now() + interval '1 hour', pause_count = 1, paused_reason = 'test' "
         "WHERE id = $1::uuid",
         sid,
     )
-    await _publish(pool, 3)
-    await start_dispatcher(health=FAST_HEALTH)
+    await support.publish(pool, 3)
+    await start_dispatcher(endpoint_health=FAST_HEALTH)
     await support.wait_for(
         lambda: _count_state(pool, "pending", 3), timeout=5, message="routed and pending"
     )
@@ -145,12 +130,12 @@ async def test_failing_for_the_whole_window_disables_and_enabling_starts_clean(
 ) -> None:
     healthy = {"now": False}
     receiver.respond = lambda _n, _h, _b: (200 if healthy["now"] else 500, {}, 0.0)
-    sid = await _subscribe(pool, receiver.url)
-    await _publish(pool, 5)
-    policy = config.HealthPolicy(
+    sid = await support.subscribe(pool, receiver.url)
+    await support.publish(pool, 5)
+    policy = config.EndpointHealthPolicy(
         disable_after_seconds=0.6, breaker_failure_ratio=0, interval_seconds=0.05
     )
-    running = await start_dispatcher(health=policy, retry=MANY_RETRIES)
+    running = await start_dispatcher(endpoint_health=policy, retry=MANY_RETRIES)
     await support.wait_for(
         lambda: _enabled(pool, sid, False), timeout=10, message="auto-disable after the window"
     )
@@ -165,7 +150,7 @@ async def test_failing_for_the_whole_window_disables_and_enabling_starts_clean(
 
     healthy["now"] = True
     await running.dispatcher.repo.enable_subscription(sid)  # what the admin API calls
-    status = await health.status(pool, sid)
+    status = await db_health.status(pool, sid)
     assert status is not None
     assert status["failing_since"] is None
     await support.wait_for(lambda: _delivered(pool, 5), timeout=10, message="delivered")
@@ -188,9 +173,9 @@ async def test_410_disable_is_audited_with_its_reason(
     pool: Any, receiver: support.Receiver, start_dispatcher: Any
 ) -> None:
     receiver.respond = lambda _n, _h, _b: (410, {}, 0.0)
-    sid = await _subscribe(pool, receiver.url)
-    await _publish(pool, 1)
-    await start_dispatcher(health=FAST_HEALTH)
+    sid = await support.subscribe(pool, receiver.url)
+    await support.publish(pool, 1)
+    await start_dispatcher(endpoint_health=FAST_HEALTH)
     await support.wait_for(lambda: _enabled(pool, sid, False), timeout=10, message="disabled")
     events = await _events(pool, sid)
     assert [(e["kind"], e["reason"]) for e in events] == [
@@ -202,9 +187,9 @@ async def test_4xx_answers_count_for_the_window_but_do_not_trip_the_breaker(
     pool: Any, receiver: support.Receiver, start_dispatcher: Any
 ) -> None:
     receiver.respond = lambda _n, _h, _b: (400, {}, 0.0)
-    sid = await _subscribe(pool, receiver.url)
-    await _publish(pool, 10)
-    await start_dispatcher(health=FAST_HEALTH)
+    sid = await support.subscribe(pool, receiver.url)
+    await support.publish(pool, 10)
+    await start_dispatcher(endpoint_health=FAST_HEALTH)
     await support.wait_for(lambda: _count_state(pool, "dead", 10), timeout=10, message="dead")
     await support.wait_for(
         lambda: _failing_started(pool, sid), timeout=5, message="failing_since set"
@@ -213,5 +198,5 @@ async def test_4xx_answers_count_for_the_window_but_do_not_trip_the_breaker(
 
 
 async def _failing_started(pool: Any, sid: str) -> bool:
-    status = await health.status(pool, sid)
+    status = await db_health.status(pool, sid)
     return status is not None and status["failing_since"] is not None

@@ -1,7 +1,7 @@
 """The /metrics exposition of a running dispatcher, and the database-derived gauges.
 
 Real Postgres, real receivers, the real admin listener: counters are checked against what the
-receivers saw, every contract metric and label (DESIGN.md contract 4) must be exposed, the
+receivers saw, every contract metric and label must be exposed, the
 scrape must pass ``promtool check metrics``, and the incrementally kept queue counts
 (sql/004_metrics.sql) must equal an exact count after every kind of write.
 """
@@ -21,13 +21,12 @@ from prometheus_client import parser
 
 import dispatcher
 from dispatcher import gauges, metrics
-from dispatcher.db import repository
+from dispatcher.db import gauges as db_gauges
 from tests import support
 
-SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
-# DESIGN.md contract 4: metric → (type, label names).
+# The metrics contract: metric → (type, label names).
 CONTRACT: dict[str, tuple[str, set[str]]] = {
     "dispatcher_attempts_total": ("counter", {"subscription", "outcome"}),
     "dispatcher_attempt_duration_seconds": ("histogram", {"subscription"}),
@@ -63,21 +62,16 @@ def value(got: Samples, name: str, **labels: str) -> float | None:
     return got.get((name, frozenset(labels.items())))
 
 
-async def _subscribe(pool: Any, url: str) -> str:
-    sub = await repository.Repository(pool).create_subscription(
-        url=url, event_types=["t.*"], secret=SECRET
-    )
-    return str(sub["id"])
-
-
 async def test_exposition_matches_what_the_receivers_saw(
     pool: Any, make_receiver: Any, start_dispatcher: Any
 ) -> None:
     ok, flaky, broken = [await make_receiver() for _ in range(3)]
     flaky.respond = lambda n, _h, _b: (500 if n == 0 else 200, {}, 0.0)
     broken.respond = lambda _n, _h, _b: (500, {}, 0.0)
-    subs = {name: await _subscribe(pool, r.url) for name, r in (("ok", ok), ("flaky", flaky))}
-    subs["broken"] = await _subscribe(pool, broken.url)
+    subs = {
+        name: await support.subscribe(pool, r.url) for name, r in (("ok", ok), ("flaky", flaky))
+    }
+    subs["broken"] = await support.subscribe(pool, broken.url)
     async with pool.acquire() as conn:
         await dispatcher.publish(conn, "t.created", {"n": 1})
     running = await start_dispatcher(gauge_interval_seconds=0.05)
@@ -180,7 +174,7 @@ async def _exact(pool: Any) -> dict[tuple[str, str], int]:
 
 async def _tracked(pool: Any) -> dict[tuple[str, str], int]:
     async with pool.acquire() as conn:
-        snapshot = await gauges.read(conn)
+        snapshot = await db_gauges.read(conn)
     return {key: n for key, n in snapshot.depth.items() if n}
 
 
@@ -230,7 +224,7 @@ async def test_tracked_counts_equal_an_exact_count_after_every_kind_of_write(poo
         assert await _tracked(pool) == await _exact(pool), sql
     async with pool.acquire() as conn:
         before = await conn.fetchval("SELECT count(*) FROM webhook_delivery_count_deltas")
-        assert await gauges.compact(conn)
+        assert await db_gauges.compact(conn)
         after = await conn.fetchval("SELECT count(*) FROM webhook_delivery_count_deltas")
     assert after < before
     assert after == len(await _exact(pool))
@@ -290,14 +284,14 @@ async def test_refresh_folds_subscriptions_beyond_the_limit(pool: Any) -> None:
 async def test_backlog_above_the_exact_limit_is_the_unrouted_id_span(
     pool: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(gauges, "BACKLOG_EXACT_LIMIT", 5)
+    monkeypatch.setattr(db_gauges, "BACKLOG_EXACT_LIMIT", 5)
     await pool.execute(
         "INSERT INTO webhook_outbox (event_type, payload) SELECT 't.x', '{}' "
         "FROM generate_series(1, 12)"
     )
     async with pool.acquire() as conn:
-        assert (await gauges.read(conn)).outbox_backlog == 12
+        assert (await db_gauges.read(conn)).outbox_backlog == 12
         await conn.execute("UPDATE webhook_outbox SET routed_at = now() WHERE id IN (1, 12)")
-        assert (await gauges.read(conn)).outbox_backlog == 10
+        assert (await db_gauges.read(conn)).outbox_backlog == 10
         await conn.execute("UPDATE webhook_outbox SET routed_at = now() WHERE id < 9")
-        assert (await gauges.read(conn)).outbox_backlog == 3  # below the cap: exact
+        assert (await db_gauges.read(conn)).outbox_backlog == 3  # below the cap: exact

@@ -39,7 +39,7 @@ import pytest
 import yaml
 
 import dispatcher
-from dispatcher import config
+from dispatcher import config, ports
 from dispatcher.db import repository
 from tests import support
 
@@ -164,7 +164,7 @@ def prometheus_binary() -> str:
 
 class Prometheus:
     def __init__(self, binary: str, workdir: Path, target_port: int) -> None:
-        self.port = support.free_port()
+        self.port = ports.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
@@ -262,7 +262,8 @@ async def test_every_dashboard_query_and_alert_expression_returns_data(
         subs[name] = str(sub["id"])
     # Circuit breaker off: the broken endpoint must keep failing through to dead letters.
     running = await start_dispatcher(
-        gauge_interval_seconds=0.2, health=config.HealthPolicy(breaker_failure_ratio=0)
+        gauge_interval_seconds=0.2,
+        endpoint_health=config.EndpointHealthPolicy(breaker_failure_ratio=0),
     )
     max_attempts = running.dispatcher.settings.retry.max_attempts
     prometheus = Prometheus(prometheus_binary, tmp_path, running.dispatcher.bound_port)

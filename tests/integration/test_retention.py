@@ -10,10 +10,8 @@ import prometheus_client as prom
 
 import dispatcher
 from dispatcher import config, metrics, retention
-from dispatcher.db import repository
 from tests import support
 
-SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 POLICY = config.RetentionPolicy(
     delivered_seconds=3600, attempts_seconds=7200, batch=7, interval_seconds=0.05
 )
@@ -50,19 +48,12 @@ async def _seed(pool: Any, sid: str, n: int, *, state: str, age_seconds: float) 
     return [r["delivery_id"] for r in rows]
 
 
-async def _subscribe(pool: Any, url: str = "http://127.0.0.1:9/hook") -> str:
-    sub = await repository.Repository(pool).create_subscription(
-        url=url, event_types=["*"], secret=SECRET
-    )
-    return str(sub["id"])
-
-
 async def _count(pool: Any, table: str) -> int:
     return int(await pool.fetchval(f"SELECT count(*) FROM {table}"))
 
 
 async def test_prunes_only_old_delivered_work_and_old_attempts(pool: Any) -> None:
-    sid = await _subscribe(pool)
+    sid = await support.subscribe(pool)
     old_delivered = await _seed(pool, sid, 20, state="delivered", age_seconds=5000)
     young_delivered = await _seed(pool, sid, 5, state="delivered", age_seconds=60)
     old_dead = await _seed(pool, sid, 4, state="dead", age_seconds=9000)
@@ -98,7 +89,7 @@ async def test_prunes_only_old_delivered_work_and_old_attempts(pool: Any) -> Non
 
 
 async def test_rows_locked_by_someone_else_are_skipped_not_waited_on(pool: Any) -> None:
-    sid = await _subscribe(pool)
+    sid = await support.subscribe(pool)
     await _seed(pool, sid, 10, state="delivered", age_seconds=5000)
     first = await pool.fetchval("SELECT min(id) FROM webhook_outbox")
     async with pool.acquire() as conn, conn.transaction():
@@ -115,9 +106,9 @@ async def test_rows_locked_by_someone_else_are_skipped_not_waited_on(pool: Any) 
 async def test_pruning_runs_beside_live_delivery_without_holding_it_up(
     pool: Any, receiver: support.Receiver, start_dispatcher: Any
 ) -> None:
-    old_sid = await _subscribe(pool)
+    old_sid = await support.subscribe(pool)
     await _seed(pool, old_sid, 1500, state="delivered", age_seconds=5000)
-    await _subscribe(pool, receiver.url)
+    await support.subscribe(pool, receiver.url)
     policy = config.RetentionPolicy(
         delivered_seconds=3600, attempts_seconds=7200, batch=100, interval_seconds=0.05
     )

@@ -15,6 +15,7 @@ from dispatcher import receiver as receiver_toolkit
 from dispatcher import secretbox
 from dispatcher.agent import api as agent_api
 from dispatcher.agent import store
+from dispatcher.db import secrets as db_secrets
 from tests import support
 from tests.integration.api_support import TOKEN, Client
 
@@ -120,7 +121,7 @@ async def test_agent_and_reencrypt_do_not_rewrite_each_others_rows(pool: Any) ->
     assert await _stored(pool, sid) == first
 
     # Re-encryption under the same key finds nothing to do, and the agent still agrees.
-    done = await secretbox.reencrypt(pool, agent_box)
+    done = await db_secrets.reencrypt(pool, agent_box)
     assert (done.subscriptions, done.resealed) == (1, 0)
     await _job(pool, agent_box)
     assert await _stored(pool, sid) == first
@@ -128,14 +129,14 @@ async def test_agent_and_reencrypt_do_not_rewrite_each_others_rows(pool: Any) ->
     # Key rotation: the operator re-encrypts under k2 while this agent still seals with k1
     # (it has both keys). It must not seal the row back under k1, nor reencrypt again after.
     dispatcher_box = secretbox.SecretBox.from_spec(f"k2:{K2},k1:{K1}")
-    assert (await secretbox.reencrypt(pool, dispatcher_box)).resealed == 1
+    assert (await db_secrets.reencrypt(pool, dispatcher_box)).resealed == 1
     resealed = await _stored(pool, sid)
     assert resealed["secret"].startswith(secretbox.PREFIX + "k2:")
     lagging_agent = secretbox.SecretBox.from_spec(f"k1:{K1},k2:{K2}")
     await _job(pool, lagging_agent)
     await _job(pool, dispatcher_box)
     assert await _stored(pool, sid) == resealed
-    assert (await secretbox.reencrypt(pool, dispatcher_box)).resealed == 0
+    assert (await db_secrets.reencrypt(pool, dispatcher_box)).resealed == 0
 
     # A changed AGENT_WEBHOOK_SECRET still rotates, sealed, with the old one kept for grace.
     changed = "whsec_" + "Q" * 32
@@ -154,7 +155,7 @@ async def test_plaintext_row_from_before_keys_is_left_for_reencrypt(pool: Any) -
     await _job(pool, box)
     row = await _stored(pool, sid)
     assert (row["secret"], row["previous_secret"]) == (AGENT_SECRET, None)
-    assert (await secretbox.reencrypt(pool, box)).resealed == 1
+    assert (await db_secrets.reencrypt(pool, box)).resealed == 1
     sealed = await _stored(pool, sid)
     assert sealed["secret"].startswith(secretbox.PREFIX)
     await _job(pool, box)

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import os
-import sys
 import uuid
 from typing import Any
 
@@ -158,21 +156,8 @@ async def test_events_errors_and_auth(api: Client) -> None:
 
 
 async def _cli(dsn: str, *args: str) -> tuple[int, str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCHER_")}
-    env.update({"DATABASE_URL": dsn, "DISPATCHER_LOG_FORMAT": "json"})
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "dispatcher",
-        *args,
-        env=env,
-        cwd=support.ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    done = await support.run_cli(support.cli_env(dsn, DISPATCHER_LOG_FORMAT="json"), *args)
+    return done.code, done.out, done.err
 
 
 async def test_cli_mirrors_the_events_route(api: Client, pool: Any, dsn: str) -> None:

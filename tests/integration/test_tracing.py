@@ -21,7 +21,7 @@ from aiohttp import web
 from opentelemetry.sdk.trace import TracerProvider
 
 import dispatcher
-from dispatcher import config, tracing
+from dispatcher import config, ports, tracing
 from dispatcher import receiver as receiver_toolkit
 from dispatcher.agent import steps
 from dispatcher.db import management, repository
@@ -514,7 +514,7 @@ async def test_an_unreachable_collector_delays_neither_delivery_nor_shutdown(
     dsn: str, pool: Any, receiver: support.Receiver, tmp_path: Path
 ) -> None:
     await _subscribe(pool, receiver.url)
-    dead_port = support.free_port()  # nothing listens there
+    dead_port = ports.free_port()  # nothing listens there
     proc = support.spawn_dispatcher(
         dsn,
         extra_env={

@@ -4,7 +4,7 @@ Not part of ``make test``. Seeds a fresh database (``DATABASE_URL``'s server, el
 Postgres) with ``--pending`` deliveries spread over ``--subscriptions`` subscriptions
 (generate_series, no routing), then measures:
 
-1. the gauge queries' database time (``gauges.read``: depth, subscriptions + oldest age,
+1. the gauge queries' database time (``db_gauges.read``: depth, subscriptions + oldest age,
    backlog) and, for comparison, the exact ``GROUP BY`` count they replace;
 2. ``/metrics`` latency from the real admin app, with the registry holding every subscription
    label the limit allows (counters and histograms filled for each);
@@ -30,8 +30,10 @@ import asyncpg
 import prometheus_client as prom
 from aiohttp import web
 
-from dispatcher import admin, app, gauges, metrics
+from dispatcher import app, gauges, metrics, model
 from dispatcher.db import embedded, repository
+from dispatcher.db import gauges as db_gauges
+from dispatcher.web import probes
 from tests import support
 
 DATABASE = "dispatcher_scrape_cost"
@@ -112,15 +114,15 @@ def summary(ms: list[float]) -> str:
 
 async def gauge_cost(pool: Any, runs: int) -> None:
     async with pool.acquire() as conn:
-        await gauges.compact(conn)
-        snapshot = await gauges.read(conn)
+        await db_gauges.compact(conn)
+        snapshot = await db_gauges.read(conn)
         active = sorted({s for (s, state), n in snapshot.depth.items() if n > 0})
-        ms = await timed(lambda: gauges.read(conn), runs)
-        print(f"  gauges.read (all three statements)      {summary(ms)}")
+        ms = await timed(lambda: db_gauges.read(conn), runs)
+        print(f"  db_gauges.read (all three statements)      {summary(ms)}")
         for name, sql, args in (
-            ("depth (delta sums)", gauges._DEPTH_SQL, ()),
-            ("subscriptions + oldest age", gauges._SUBSCRIPTIONS_SQL, (active,)),
-            ("outbox backlog", gauges._BACKLOG_SQL, (gauges.BACKLOG_EXACT_LIMIT + 1,)),
+            ("depth (delta sums)", db_gauges._DEPTH_SQL, ()),
+            ("subscriptions + oldest age", db_gauges._SUBSCRIPTIONS_SQL, (active,)),
+            ("outbox backlog", db_gauges._BACKLOG_SQL, (db_gauges.BACKLOG_EXACT_LIMIT + 1,)),
         ):
             ms = await timed(lambda sql=sql, args=args: conn.fetch(sql, *args), runs)
             print(f"    {name:<36} {summary(ms)}")
@@ -148,8 +150,8 @@ async def scrape_cost(pool: Any, subscriptions: int, max_labels: int, runs: int)
         m.attempt_duration.labels(subscription=label).observe(0.05)
         m.delivery_latency.labels(subscription=label).observe(0.5)
         m.in_flight.labels(subscription=label).set(0)
-    health = admin.Health(lambda: asyncio.sleep(0))
-    runner = web.AppRunner(admin.build_app(health, registry), access_log=None)
+    readiness = probes.Readiness(lambda: asyncio.sleep(0))
+    runner = web.AppRunner(probes.build_app(readiness, registry), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -196,9 +198,10 @@ async def hot_path(pool: Any, rounds: int, batch: int, iterations: int) -> None:
             jobs = await repo.claim("perf", batch, 60)
             claims.append((time.perf_counter() - started) * 1000)
             now = time.time()
+            delivered = model.DeliveryState.DELIVERED
             batch_acks = [
-                repository.Ack(j.delivery_id, j.lease_token, j.attempt, "delivered", None, 200,
-                               None, now, 1.0, "success", None)
+                model.Ack(j.delivery_id, j.lease_token, j.attempt, delivered, None, 200, None, now,
+                          1.0, "success", None)
                 for j in jobs
             ]  # fmt: skip
             started = time.perf_counter()

@@ -26,7 +26,10 @@ import prometheus_client as prom
 import pytest
 import yaml
 
-from dispatcher import api, cli, metrics
+from dispatcher import cli, metrics
+from dispatcher.cli import reference
+from dispatcher.cli import settings as cli_settings
+from dispatcher.web import admin_api
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
@@ -239,35 +242,17 @@ def test_generated_regions_keep_their_markers(name: str) -> None:
 # -- configuration -----------------------------------------------------------------------------
 
 
-def _config_rows() -> list[tuple[str, str]]:
+def test_configuration_table_is_the_generated_one() -> None:
     start, end = MARKERS["configuration.md"]
-    table = doc("configuration.md").split(start)[1].split(end)[0]
-    rows = []
-    for line in table.splitlines():
-        match = re.match(r"^\| `([A-Z][A-Z0-9_]*)` \| ([^|]*) \|", line)
-        if match:
-            rows.append((match.group(1), match.group(2).strip()))
-    return rows
-
-
-def test_configuration_table_lists_exactly_the_cli_environment() -> None:
-    names = [name for name, _ in _config_rows()]
-    assert len(names) == len(set(names)), "a variable is listed twice"
-    assert set(names) == set(cli.ENVIRONMENT), (
-        f"missing: {sorted(set(cli.ENVIRONMENT) - set(names))}, "
-        f"not read by the CLI: {sorted(set(names) - set(cli.ENVIRONMENT))}"
+    assert (start, end) == (reference.START_MARKER, reference.END_MARKER)
+    text = doc("configuration.md")
+    assert reference.with_reference(text) == text, (
+        "run python -m dispatcher.cli.reference --write docs/configuration.md"
     )
 
 
-def test_configuration_defaults_match_the_cli() -> None:
-    for name, shown in _config_rows():
-        default = cli.ENVIRONMENT[name][0]
-        expected = f"`{default}`" if default else "(empty)"
-        assert shown == expected, f"{name}: the docs say {shown}, the CLI says {expected}"
-
-
 def test_every_environment_variable_the_docs_name_exists() -> None:
-    known = set(cli.ENVIRONMENT)
+    known = set(cli_settings.ENVIRONMENT)
     for name in set(re.findall(r"\b(?:DISPATCHER|AGENT)_[A-Z0-9_]*", all_docs())):
         if name.endswith("_"):  # a family such as DISPATCHER_RETRY_*
             assert any(k.startswith(name) for k in known), name
@@ -379,7 +364,7 @@ def test_admin_api_table_lists_exactly_the_routes() -> None:
             r"^\| `(GET|POST|PATCH|DELETE|PUT)` \| `/v1(/[^`]*)` \|", doc("subscriptions.md"), re.M
         )
     )
-    assert shown == {(method, path) for method, path, _handler in api.ROUTES}
+    assert shown == {(method, path) for method, path, _handler in admin_api.ROUTES}
 
 
 # -- metrics -----------------------------------------------------------------------------------

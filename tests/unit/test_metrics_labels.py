@@ -6,6 +6,7 @@ from __future__ import annotations
 import prometheus_client as prom
 
 from dispatcher import gauges, metrics
+from dispatcher.db import gauges as db_gauges
 
 
 def test_first_subscriptions_keep_their_label_and_the_rest_fold() -> None:
@@ -29,12 +30,12 @@ def test_counters_fold_through_the_metrics_label() -> None:
     assert get("dispatcher_attempts_total", {"subscription": "other", "outcome": "success"}) == 2
 
 
-def _snapshot() -> gauges.Snapshot:
+def _snapshot() -> db_gauges.Snapshot:
     subs = (
-        gauges.Subscription("a", enabled=True, oldest_age_seconds=5.0),
-        gauges.Subscription("b", enabled=True, oldest_age_seconds=30.0),
-        gauges.Subscription("c", enabled=False, oldest_age_seconds=None),
-        gauges.Subscription("d", enabled=True, oldest_age_seconds=12.0),
+        db_gauges.Subscription("a", enabled=True, oldest_age_seconds=5.0),
+        db_gauges.Subscription("b", enabled=True, oldest_age_seconds=30.0),
+        db_gauges.Subscription("c", enabled=False, oldest_age_seconds=None),
+        db_gauges.Subscription("d", enabled=True, oldest_age_seconds=12.0),
     )
     depth = {
         ("a", "pending"): 1,
@@ -45,7 +46,7 @@ def _snapshot() -> gauges.Snapshot:
         ("d", "retrying"): 1,
         ("gone", "pending"): 9,  # deleted between the two reads
     }
-    return gauges.Snapshot(subs, depth, outbox_backlog=0)
+    return db_gauges.Snapshot(subs, depth, outbox_backlog=0)
 
 
 def test_fold_sums_counts_maxes_age_and_mins_up() -> None:
@@ -78,7 +79,7 @@ def test_publish_removes_series_that_disappeared() -> None:
     loop.publish(gauges.fold(_snapshot(), m.label))
     get = registry.get_sample_value
     assert get("dispatcher_queue_depth", {"subscription": "b", "state": "dead"}) == 7
-    smaller = gauges.Snapshot(_snapshot().subscriptions[:1], {}, outbox_backlog=0)
+    smaller = db_gauges.Snapshot(_snapshot().subscriptions[:1], {}, outbox_backlog=0)
     loop.publish(gauges.fold(smaller, m.label))
     assert get("dispatcher_queue_depth", {"subscription": "b", "state": "dead"}) is None
     assert get("dispatcher_subscription_up", {"subscription": "b"}) is None
@@ -87,7 +88,7 @@ def test_publish_removes_series_that_disappeared() -> None:
 
 def test_compaction_waits_for_enough_delta_rows() -> None:
     groups = {(str(i), "pending"): 1 for i in range(10)}
-    assert not gauges.needs_compaction(gauges.Snapshot((), groups, 0, delta_rows=20))
+    assert not gauges.needs_compaction(db_gauges.Snapshot((), groups, 0, delta_rows=20))
     assert gauges.needs_compaction(
-        gauges.Snapshot((), groups, 0, delta_rows=20 + gauges.COMPACT_SLACK_ROWS + 1)
+        db_gauges.Snapshot((), groups, 0, delta_rows=20 + gauges.COMPACT_SLACK_ROWS + 1)
     )

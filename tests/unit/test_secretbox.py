@@ -7,7 +7,7 @@ import base64
 import pytest
 
 from dispatcher import config, secretbox
-from dispatcher.cli import CliError, secret_box, settings_from_env
+from dispatcher.cli import context
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 K1 = base64.b64encode(bytes(range(32))).decode()
@@ -116,10 +116,15 @@ def test_keys_never_show_in_repr_or_settings_repr() -> None:
 
 def test_cli_reads_the_keys_and_rejects_bad_ones() -> None:
     env = {"DISPATCHER_SECRET_KEYS": f"k2:{K2}, k1:{K1}"}
-    assert secret_box(env).current_key_id == "k2"
-    assert settings_from_env(env, "postgresql://x/y").secret_keys == env["DISPATCHER_SECRET_KEYS"]
-    with pytest.raises(CliError, match="DISPATCHER_SECRET_KEYS"):
-        settings_from_env({"DISPATCHER_SECRET_KEYS": "k1:short"}, "postgresql://x/y")
+    assert context.Context.from_env(env).secret_box().current_key_id == "k2"
+    assert (
+        context.Context.from_env(env).settings("postgresql://x/y").secret_keys
+        == env["DISPATCHER_SECRET_KEYS"]
+    )
+    with pytest.raises(context.CliError, match="DISPATCHER_SECRET_KEYS"):
+        context.Context.from_env({"DISPATCHER_SECRET_KEYS": "k1:short"}).settings(
+            "postgresql://x/y"
+        )
 
 
 def test_generated_keys_are_usable() -> None:

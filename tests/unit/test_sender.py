@@ -12,14 +12,15 @@ import aiohttp
 import pytest
 import standardwebhooks
 
-from dispatcher import delivery, errors, signing
+from dispatcher import model, signing
+from dispatcher import sender as http_sender
 from tests.unit.aioresponses_shim import mocked
 
 URL = "http://receiver.test/hook"
 SECRET = signing.generate_secret()
 
 
-def _job(**kw: Any) -> delivery.Job:
+def _job(**kw: Any) -> model.Job:
     base: dict[str, Any] = {
         "delivery_id": 1,
         "lease_token": 7,
@@ -36,13 +37,13 @@ def _job(**kw: Any) -> delivery.Job:
         "event_created_at": 0.0,
     }
     base.update(kw)
-    return delivery.Job(**base)
+    return model.Job(**base)
 
 
 @pytest.fixture
-async def sender() -> AsyncIterator[delivery.Sender]:
-    session = delivery.build_session(max_connections=4)
-    yield delivery.Sender(
+async def sender() -> AsyncIterator[http_sender.Sender]:
+    session = http_sender.build_session(max_connections=4)
+    yield http_sender.Sender(
         session,
         signing.SignerRegistry.load(),
         request_timeout_seconds=2,
@@ -54,7 +55,7 @@ async def sender() -> AsyncIterator[delivery.Sender]:
     await session.close()
 
 
-async def test_request_carries_body_and_both_signatures(sender: delivery.Sender) -> None:
+async def test_request_carries_body_and_both_signatures(sender: http_sender.Sender) -> None:
     with mocked() as m:
         m.post(URL, status=204)
         result = await sender.send(_job())
@@ -76,8 +77,8 @@ async def test_request_carries_body_and_both_signatures(sender: delivery.Sender)
         headers["X-AgentX-Signature"]
         == "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
     )
-    assert result.verdict is errors.Verdict.DELIVERED
-    assert result.outcome is errors.Outcome.SUCCESS
+    assert result.verdict is model.Verdict.DELIVERED
+    assert result.outcome is model.Outcome.SUCCESS
 
 
 def _dt(ts: int) -> Any:
@@ -86,7 +87,7 @@ def _dt(ts: int) -> Any:
     return datetime.fromtimestamp(ts, tz=UTC)
 
 
-async def test_custom_headers_cannot_override_signatures(sender: delivery.Sender) -> None:
+async def test_custom_headers_cannot_override_signatures(sender: http_sender.Sender) -> None:
     with mocked() as m:
         m.post(URL, status=200)
         await sender.send(_job(headers={"webhook-signature": "forged", "Content-Type": "x"}))
@@ -98,20 +99,20 @@ async def test_custom_headers_cannot_override_signatures(sender: delivery.Sender
 @pytest.mark.parametrize(
     ("status", "verdict", "outcome"),
     [
-        (200, errors.Verdict.DELIVERED, errors.Outcome.SUCCESS),
-        (299, errors.Verdict.DELIVERED, errors.Outcome.SUCCESS),
-        (301, errors.Verdict.PERMANENT, errors.Outcome.OTHER),
-        (400, errors.Verdict.PERMANENT, errors.Outcome.HTTP_4XX),
-        (404, errors.Verdict.PERMANENT, errors.Outcome.HTTP_4XX),
-        (408, errors.Verdict.RETRYABLE, errors.Outcome.HTTP_4XX),
-        (410, errors.Verdict.GONE, errors.Outcome.HTTP_4XX),
-        (429, errors.Verdict.RETRYABLE, errors.Outcome.HTTP_429),
-        (500, errors.Verdict.RETRYABLE, errors.Outcome.HTTP_5XX),
-        (503, errors.Verdict.RETRYABLE, errors.Outcome.HTTP_5XX),
+        (200, model.Verdict.DELIVERED, model.Outcome.SUCCESS),
+        (299, model.Verdict.DELIVERED, model.Outcome.SUCCESS),
+        (301, model.Verdict.PERMANENT, model.Outcome.OTHER),
+        (400, model.Verdict.PERMANENT, model.Outcome.HTTP_4XX),
+        (404, model.Verdict.PERMANENT, model.Outcome.HTTP_4XX),
+        (408, model.Verdict.RETRYABLE, model.Outcome.HTTP_4XX),
+        (410, model.Verdict.GONE, model.Outcome.HTTP_4XX),
+        (429, model.Verdict.RETRYABLE, model.Outcome.HTTP_429),
+        (500, model.Verdict.RETRYABLE, model.Outcome.HTTP_5XX),
+        (503, model.Verdict.RETRYABLE, model.Outcome.HTTP_5XX),
     ],
 )
 async def test_status_classification(
-    sender: delivery.Sender, status: int, verdict: errors.Verdict, outcome: errors.Outcome
+    sender: http_sender.Sender, status: int, verdict: model.Verdict, outcome: model.Outcome
 ) -> None:
     with mocked() as m:
         m.post(URL, status=status, body="x" * 100)
@@ -120,7 +121,7 @@ async def test_status_classification(
     assert result.response_excerpt == "x" * 16  # truncated to response_log_bytes
 
 
-async def test_retry_after_is_parsed(sender: delivery.Sender) -> None:
+async def test_retry_after_is_parsed(sender: http_sender.Sender) -> None:
     with mocked() as m:
         m.post(URL, status=429, headers={"Retry-After": "120"})
         result = await sender.send(_job())
@@ -130,24 +131,24 @@ async def test_retry_after_is_parsed(sender: delivery.Sender) -> None:
 @pytest.mark.parametrize(
     ("exc", "outcome"),
     [
-        (TimeoutError(), errors.Outcome.TIMEOUT),
-        (aiohttp.ServerTimeoutError("read"), errors.Outcome.TIMEOUT),
-        (aiohttp.ServerDisconnectedError(), errors.Outcome.CONNECT_ERROR),
-        (aiohttp.ClientPayloadError("bad"), errors.Outcome.OTHER),
+        (TimeoutError(), model.Outcome.TIMEOUT),
+        (aiohttp.ServerTimeoutError("read"), model.Outcome.TIMEOUT),
+        (aiohttp.ServerDisconnectedError(), model.Outcome.CONNECT_ERROR),
+        (aiohttp.ClientPayloadError("bad"), model.Outcome.OTHER),
     ],
 )
 async def test_exceptions_map_to_retryable_outcomes(
-    sender: delivery.Sender, exc: Exception, outcome: errors.Outcome
+    sender: http_sender.Sender, exc: Exception, outcome: model.Outcome
 ) -> None:
     with mocked() as m:
         m.post(URL, exception=exc)
         result = await sender.send(_job())
-    assert result.verdict is errors.Verdict.RETRYABLE
+    assert result.verdict is model.Verdict.RETRYABLE
     assert result.outcome is outcome
     assert result.error
 
 
-async def test_rotation_signs_with_every_valid_secret(sender: delivery.Sender) -> None:
+async def test_rotation_signs_with_every_valid_secret(sender: http_sender.Sender) -> None:
     old, new = signing.generate_secret(), signing.generate_secret()
     with mocked() as m:
         m.post(URL, status=200)
@@ -169,15 +170,15 @@ async def test_rotation_signs_with_every_valid_secret(sender: delivery.Sender) -
     )
 
 
-async def test_guard_refusal_is_blocked_not_retried(sender: delivery.Sender) -> None:
+async def test_guard_refusal_is_blocked_not_retried(sender: http_sender.Sender) -> None:
     class Refused(Exception):
         pass
 
     def guard(_url: str) -> None:
         raise Refused("no")
 
-    session = delivery.build_session(max_connections=1)
-    guarded = delivery.Sender(
+    session = http_sender.build_session(max_connections=1)
+    guarded = http_sender.Sender(
         session,
         signing.SignerRegistry.load(),
         request_timeout_seconds=1,
@@ -191,5 +192,5 @@ async def test_guard_refusal_is_blocked_not_retried(sender: delivery.Sender) -> 
         result = await guarded.send(_job())
     finally:
         await session.close()
-    assert result.verdict is errors.Verdict.BLOCKED
-    assert result.outcome is errors.Outcome.BLOCKED
+    assert result.verdict is model.Verdict.BLOCKED
+    assert result.outcome is model.Outcome.BLOCKED

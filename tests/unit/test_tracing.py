@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from dispatcher import cli, config, tracing
+from dispatcher import config, tracing
+from dispatcher.cli import settings as cli_settings
 from tests import support
 
 VALID = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
@@ -127,7 +128,7 @@ def test_every_variable_read_is_in_the_cli_table() -> None:
     }
     source = (support.ROOT / "dispatcher" / "tracing.py").read_text()
     assert {name for name in read if f'"{name}"' in source} == read
-    assert {k for k in cli.ENVIRONMENT if k.startswith("OTEL_")} == read
+    assert {k for k in cli_settings.ENVIRONMENT if k.startswith("OTEL_")} == read
 
 
 def test_start_without_settings_is_off() -> None:

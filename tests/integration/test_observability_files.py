@@ -1,10 +1,10 @@
 """Checks for the observability files: Grafana dashboards, Prometheus config and alert rules.
 
 The dashboards must match what ``grafana/generate.py`` builds and only query metrics the
-dispatcher exports (DESIGN.md contract 4); the Prometheus files must pass ``promtool``, and
-every alert must be documented and unit-tested both firing and silent. No network, no
-Prometheus server: ``promtool`` is the only subprocess, and without it these tests skip
-locally but fail in CI (``CI=true``).
+dispatcher exports (metric names and labels are a contract); the Prometheus files must pass
+``promtool``, and every alert must be documented and unit-tested both firing and silent. No
+network, no Prometheus server: ``promtool`` is the only subprocess, and without it these
+tests skip locally but fail in CI (``CI=true``).
 """
 
 from __future__ import annotations

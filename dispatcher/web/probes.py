@@ -1,4 +1,4 @@
-"""The admin HTTP app: liveness, readiness and Prometheus metrics (management API: ``api``).
+"""The root HTTP app: liveness and readiness probes and Prometheus metrics; mounts ``/v1``.
 
 Must not block the event loop: readiness does one cheap database round trip with a timeout.
 """
@@ -15,7 +15,7 @@ from aiohttp import web
 READY_TIMEOUT_SECONDS = 2.0
 
 
-class Health:
+class Readiness:
     """What the probes report. ``draining`` flips readiness off during shutdown."""
 
     def __init__(self, ping: Callable[[], Awaitable[None]]) -> None:
@@ -35,7 +35,7 @@ class Health:
         return True, "ok"
 
 
-HEALTH: web.AppKey[Health] = web.AppKey("health", Health)
+READINESS: web.AppKey[Readiness] = web.AppKey("readiness", Readiness)
 REGISTRY: web.AppKey[prom.CollectorRegistry] = web.AppKey("registry", prom.CollectorRegistry)
 
 
@@ -44,7 +44,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    ok, reason = await request.app[HEALTH].ready()
+    ok, reason = await request.app[READINESS].ready()
     return web.json_response(
         {"status": "ok" if ok else "unavailable", "reason": reason}, status=200 if ok else 503
     )
@@ -58,16 +58,16 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def build_app(
-    health: Health,
+    readiness: Readiness,
     registry: prom.CollectorRegistry,
     *,
     api: web.Application | None = None,
     middlewares: Sequence[Any] = (),
 ) -> web.Application:
-    """``api`` (the management sub-app from ``dispatcher.api.build``) is mounted at /v1;
-    ``middlewares`` guard the probes that are not configured open (``api.probe_guard``)."""
+    """``api`` (the admin sub-app from ``admin_api.build``) is mounted at /v1;
+    ``middlewares`` guard the probes that are not configured open (``admin_api.probe_guard``)."""
     app = web.Application(client_max_size=1024 * 1024, middlewares=list(middlewares))
-    app[HEALTH] = health
+    app[READINESS] = readiness
     app[REGISTRY] = registry
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -1,12 +1,14 @@
-"""Operator subcommands mirroring the admin API: ``subscriptions get|update|enable|disable|
-delete|rotate-secret|events|test``, ``deliveries list|get|retry|retry-dead|cancel``, ``events
-get|unrouted``.
+"""Operator commands mirroring the admin API: ``subscriptions add|list|get|update|enable|
+disable|delete|rotate-secret|events|test``, ``deliveries list|get|retry|retry-dead|cancel``,
+``events get|unrouted``.
 
-They talk to the database directly, through the same validators (``dispatcher.api``) and the
-same statements (``dispatcher.db.management``) as the API, so both accept and reject the same
-input. Output is a readable table or, with ``--json``, the API's JSON. Every failure exits
-non-zero with one clear line on stderr. This module does not read the environment: ``cli``
-hands it the mapping.
+They talk to the database directly, through the same validators (``dispatcher.validation``)
+and the same statements (``dispatcher.db.management``) as ``/v1``, so both accept and reject
+the same input. Output is a readable table or, with ``--json``, the API's JSON (listings: one
+page, ``{"items": [...], "next_cursor": ...}``). Every failure exits 2 with one clear line on
+stderr, never a traceback or a secret. Does not read the environment: commands receive the
+``Context``. The database modules are imported when a command runs, not when the parser is
+built.
 """
 
 from __future__ import annotations
@@ -14,20 +16,23 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from dispatcher import api, cli, signing
-from dispatcher.db import management, repository
-from dispatcher.db import pool as db_pool
+from dispatcher import validation
+from dispatcher.cli import context
 
-Env = Mapping[str, str]
-Operation = Callable[[management.Management], Awaitable[Any]]
+if TYPE_CHECKING:
+    from dispatcher.db import management
+
+Operation = Callable[["management.Management"], Awaitable[Any]]
 
 
-def _execute(env: Env, operation: Operation) -> Any:
+def _execute(ctx: context.Context, operation: Operation) -> Any:
     """Run one management operation on a short-lived pool; map failures to CliError."""
+    from dispatcher.db import management, repository  # noqa: PLC0415
+    from dispatcher.db import pool as db_pool  # noqa: PLC0415
 
     async def main(dsn: str) -> Any:
         pool = await db_pool.create_pool(
@@ -39,32 +44,30 @@ def _execute(env: Env, operation: Operation) -> Any:
         finally:
             await pool.close()
 
-    box = cli.secret_box(env)
-    with cli.database(env) as dsn:
+    box = ctx.secret_box()
+    with ctx.database() as dsn:
         try:
-            return cli._run(main(dsn))
-        except api.ProblemError as exc:
-            where = f"{exc.field}: " if exc.field else ""
-            raise cli.CliError(f"{where}{exc.detail} [{exc.code}]") from None
+            return context.run(main(dsn))
+        except validation.ValidationError as exc:
+            raise context.CliError(exc.one_line()) from None
         except management.ManagementError as exc:
-            raise cli.CliError(f"{exc.detail} [{exc.code}]") from None
+            raise context.CliError(f"{exc.detail} [{exc.code}]") from None
         except db_pool.ERRORS as exc:
-            raise cli.CliError(f"database: {type(exc).__name__}: {exc}") from None
+            raise context.CliError(f"database: {type(exc).__name__}: {exc}") from None
 
 
 def _validated(check: Callable[[], Any]) -> Any:
     try:
         return check()
-    except api.ProblemError as exc:
-        where = f"{exc.field}: " if exc.field else ""
-        raise cli.CliError(f"{where}{exc.detail} [{exc.code}]") from None
+    except validation.ValidationError as exc:
+        raise context.CliError(exc.one_line()) from None
 
 
 def _json_arg(text: str, flag: str) -> Any:
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError:
-        raise cli.CliError(f"{flag}: not valid JSON") from None
+        raise context.CliError(f"{flag}: not valid JSON") from None
 
 
 def _pairs(items: Sequence[str] | None, flag: str) -> dict[str, str] | None:
@@ -74,7 +77,7 @@ def _pairs(items: Sequence[str] | None, flag: str) -> dict[str, str] | None:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise cli.CliError(f"{flag}: expected NAME=VALUE, got {item!r}")
+            raise context.CliError(f"{flag}: expected NAME=VALUE, got {item!r}")
         out[key] = value
     return out
 
@@ -155,14 +158,14 @@ EVENT_COLUMNS = (
 
 def _show_subscription(args: argparse.Namespace, sub: Mapping[str, Any]) -> None:
     if args.json:
-        cli._print_json(sub)
+        context.print_json(sub)
     else:
         _fields(sub)
 
 
 def _show_delivery(args: argparse.Namespace, d: Mapping[str, Any]) -> None:
     if args.json:
-        cli._print_json(d)
+        context.print_json(d)
         return
     _fields(d, skip=("attempt_log", "payload"))
     if "attempt_log" in d:
@@ -173,17 +176,84 @@ def _show_delivery(args: argparse.Namespace, d: Mapping[str, Any]) -> None:
 # -- subscriptions --------------------------------------------------------------------------------
 
 
-def _subscription_id(value: str) -> Any:
-    return _validated(lambda: api.parse_uuid(value, "SUBSCRIPTION_ID"))
+def _signers() -> Any:
+    from dispatcher import signing  # noqa: PLC0415
+
+    return signing.SignerRegistry.load()
 
 
-def cmd_get(args: argparse.Namespace, env: Env) -> int:
-    sid = _subscription_id(args.id)
-    _show_subscription(args, _execute(env, lambda m: m.get_subscription(sid)))
+def _delivery_filter(filters: Mapping[str, Any]) -> management.DeliveryFilter:
+    from dispatcher.db import management  # noqa: PLC0415
+
+    return management.DeliveryFilter(**filters)
+
+
+def cmd_add(args: argparse.Namespace, ctx: context.Context) -> int:
+    body: dict[str, Any] = {
+        "url": args.url,
+        "event_types": args.event_type,
+        "max_in_flight": args.max_in_flight,
+        "description": args.description,
+    }
+    if args.secret is not None:
+        body["secret"] = args.secret
+    if args.signature_header is not None:
+        body["signature_header"] = args.signature_header
+    headers = _pairs(args.header, "--header")
+    if headers is not None:
+        body["headers"] = headers
+    if args.rate_limit is not None:
+        body["rate_limit_per_second"] = args.rate_limit if args.rate_limit > 0 else None
+    metadata = _pairs(args.metadata, "--metadata")
+    if metadata is not None:
+        body["metadata"] = metadata
+    policy = ctx.address_policy()
+    spec = _validated(lambda: validation.validate_subscription_create(body, policy, _signers()))
+    context.print_json(_execute(ctx, lambda m: m.create_subscription(spec)))
     return 0
 
 
-def cmd_update(args: argparse.Namespace, env: Env) -> int:
+def cmd_list(args: argparse.Namespace, ctx: context.Context) -> int:
+    query = _query(args, event_type=args.event_type)
+    if args.enabled is not None:
+        query["enabled"] = args.enabled
+    _validated(lambda: validation.page_limit(query))
+    _validated(lambda: validation.subscription_cursor(query))
+    if args.event_type is not None:
+        _validated(
+            lambda: validation.text(
+                args.event_type,
+                "--event-type",
+                max_length=validation.MAX_EVENT_TYPE_LENGTH,
+                min_length=1,
+            )
+        )
+
+    async def fetch(m: management.Management, q: dict[str, str]) -> dict[str, Any]:
+        page = await m.list_subscriptions(
+            limit=validation.page_limit(q),
+            after=validation.subscription_cursor(q),
+            enabled=None if args.enabled is None else args.enabled == "true",
+            event_type=args.event_type,
+        )
+        return validation.page_body(page.items, page.next_key, "subscriptions")
+
+    items, cursor = _pages(args, ctx, fetch, query)
+    _print_page(args, items, cursor, SUBSCRIPTION_COLUMNS)
+    return 0
+
+
+def _subscription_id(value: str) -> Any:
+    return _validated(lambda: validation.parse_uuid(value, "SUBSCRIPTION_ID"))
+
+
+def cmd_get(args: argparse.Namespace, ctx: context.Context) -> int:
+    sid = _subscription_id(args.id)
+    _show_subscription(args, _execute(ctx, lambda m: m.get_subscription(sid)))
+    return 0
+
+
+def cmd_update(args: argparse.Namespace, ctx: context.Context) -> int:
     sid = _subscription_id(args.id)
     body: dict[str, Any] = {}
     if args.url is not None:
@@ -209,47 +279,45 @@ def cmd_update(args: argparse.Namespace, env: Env) -> int:
     if metadata is not None:
         body["metadata"] = metadata
     if not body:
-        raise cli.CliError("nothing to change; see `dispatcher subscriptions update --help`")
-    policy = cli.address_policy(env)
-    changes = _validated(
-        lambda: api.validate_subscription_update(body, policy, signing.SignerRegistry.load())
-    )
-    _show_subscription(args, _execute(env, lambda m: m.update_subscription(sid, changes)))
+        raise context.CliError("nothing to change; see `dispatcher subscriptions update --help`")
+    policy = ctx.address_policy()
+    changes = _validated(lambda: validation.validate_subscription_update(body, policy, _signers()))
+    _show_subscription(args, _execute(ctx, lambda m: m.update_subscription(sid, changes)))
     return 0
 
 
-def cmd_enable(args: argparse.Namespace, env: Env) -> int:
+def cmd_enable(args: argparse.Namespace, ctx: context.Context) -> int:
     sid = _subscription_id(args.id)
-    _show_subscription(args, _execute(env, lambda m: m.enable_subscription(sid)))
+    _show_subscription(args, _execute(ctx, lambda m: m.enable_subscription(sid)))
     return 0
 
 
-def cmd_disable(args: argparse.Namespace, env: Env) -> int:
+def cmd_disable(args: argparse.Namespace, ctx: context.Context) -> int:
     sid = _subscription_id(args.id)
-    reason = _validated(lambda: api.validate_disable({"reason": args.reason}))
-    _show_subscription(args, _execute(env, lambda m: m.disable_subscription(sid, reason)))
+    reason = _validated(lambda: validation.validate_disable({"reason": args.reason}))
+    _show_subscription(args, _execute(ctx, lambda m: m.disable_subscription(sid, reason)))
     return 0
 
 
-def cmd_delete(args: argparse.Namespace, env: Env) -> int:
+def cmd_delete(args: argparse.Namespace, ctx: context.Context) -> int:
     sid = _subscription_id(args.id)
-    _execute(env, lambda m: m.delete_subscription(sid))
+    _execute(ctx, lambda m: m.delete_subscription(sid))
     if args.json:
-        cli._print_json({"id": str(sid), "deleted": True})
+        context.print_json({"id": str(sid), "deleted": True})
     else:
         print(f"deleted subscription {sid}")
     return 0
 
 
-def cmd_rotate(args: argparse.Namespace, env: Env) -> int:
+def cmd_rotate(args: argparse.Namespace, ctx: context.Context) -> int:
     sid = _subscription_id(args.id)
     body: dict[str, Any] = {"grace_period_seconds": args.grace}
     if args.secret is not None:
         body["secret"] = args.secret
-    secret, grace = _validated(lambda: api.validate_rotation(body))
-    result = _execute(env, lambda m: m.rotate_secret(sid, secret, grace))
+    secret, grace = _validated(lambda: validation.validate_rotation(body))
+    result = _execute(ctx, lambda m: m.rotate_secret(sid, secret, grace))
     if args.json:
-        cli._print_json(result)
+        context.print_json(result)
     else:
         print(f"new secret: {result['secret']}")
         ends = result["rotation_ends_at"]
@@ -257,29 +325,31 @@ def cmd_rotate(args: argparse.Namespace, env: Env) -> int:
     return 0
 
 
-def cmd_subscription_events(args: argparse.Namespace, env: Env) -> int:
+def cmd_subscription_events(args: argparse.Namespace, ctx: context.Context) -> int:
     sid = _subscription_id(args.id)
     query = _query(args)
-    _validated(lambda: api.page_limit(query))
+    _validated(lambda: validation.page_limit(query))
 
     async def fetch(m: management.Management, q: dict[str, str]) -> dict[str, Any]:
         page = await m.list_subscription_events(
-            sid, limit=api.page_limit(q), before_id=api.id_cursor(q, "subscription_events")
+            sid,
+            limit=validation.page_limit(q),
+            before_id=validation.id_cursor(q, "subscription_events"),
         )
-        return api.page_body(page, "subscription_events")
+        return validation.page_body(page.items, page.next_key, "subscription_events")
 
-    items, cursor = _pages(args, env, fetch, query)
+    items, cursor = _pages(args, ctx, fetch, query)
     _print_page(args, items, cursor, SUBSCRIPTION_EVENT_COLUMNS)
     return 0
 
 
-def cmd_test(args: argparse.Namespace, env: Env) -> int:
+def cmd_test(args: argparse.Namespace, ctx: context.Context) -> int:
     sid = _subscription_id(args.id)
     body = {} if args.payload is None else {"payload": _json_arg(args.payload, "--payload")}
-    payload = _validated(lambda: api.validate_test_event(body))
-    result = _execute(env, lambda m: m.send_test_event(sid, payload))
+    payload = _validated(lambda: validation.validate_test_event(body))
+    result = _execute(ctx, lambda m: m.send_test_event(sid, payload))
     if args.json:
-        cli._print_json(result)
+        context.print_json(result)
     else:
         print(f"queued test event {result['event_id']} ({result['event_type']})")
     return 0
@@ -289,15 +359,15 @@ def cmd_test(args: argparse.Namespace, env: Env) -> int:
 
 
 def _delivery_id(value: str) -> int:
-    try:
-        return api.delivery_id(value)
-    except management.NotFound as exc:
-        raise cli.CliError(f"{exc.detail} [{exc.code}]") from None
+    # As /v1 answers for a path id: anything that is not a delivery id is an unknown delivery.
+    if not validation.is_delivery_id(value):
+        raise context.CliError(f"delivery {value[:40]!r} does not exist [not_found]")
+    return int(value)
 
 
 def _pages(
     args: argparse.Namespace,
-    env: Env,
+    ctx: context.Context,
     fetch: Callable[[management.Management, dict[str, str]], Awaitable[dict[str, Any]]],
     query: dict[str, str],
 ) -> tuple[list[dict[str, Any]], str | None]:
@@ -314,7 +384,7 @@ def _pages(
                 return items, cursor
             q["cursor"] = cursor
 
-    result: tuple[list[dict[str, Any]], str | None] = _execute(env, walk)
+    result: tuple[list[dict[str, Any]], str | None] = _execute(ctx, walk)
     return result
 
 
@@ -326,7 +396,7 @@ def _query(args: argparse.Namespace, **extra: str | None) -> dict[str, str]:
     return q
 
 
-def cmd_deliveries_list(args: argparse.Namespace, env: Env) -> int:
+def cmd_deliveries_list(args: argparse.Namespace, ctx: context.Context) -> int:
     query = _query(
         args,
         subscription_id=args.subscription,
@@ -335,15 +405,17 @@ def cmd_deliveries_list(args: argparse.Namespace, env: Env) -> int:
         created_after=args.since,
         created_before=args.until,
     )
-    filters = _validated(lambda: api.validate_delivery_filter(query))
+    filters = _validated(lambda: validation.validate_delivery_filter(query))
 
     async def fetch(m: management.Management, q: dict[str, str]) -> dict[str, Any]:
         page = await m.list_deliveries(
-            filters, limit=api.page_limit(q), before_id=api.id_cursor(q, "deliveries")
+            _delivery_filter(filters),
+            limit=validation.page_limit(q),
+            before_id=validation.id_cursor(q, "deliveries"),
         )
-        return api.page_body(page, "deliveries")
+        return validation.page_body(page.items, page.next_key, "deliveries")
 
-    items, cursor = _pages(args, env, fetch, query)
+    items, cursor = _pages(args, ctx, fetch, query)
     _print_page(args, items, cursor, DELIVERY_COLUMNS)
     return 0
 
@@ -355,46 +427,46 @@ def _print_page(
     columns: Sequence[tuple[str, str]],
 ) -> None:
     if args.json:
-        cli._print_json({"items": items, "next_cursor": cursor})
+        context.print_json({"items": items, "next_cursor": cursor})
         return
     _table(items, columns)
     if cursor:
         print(f"more: --cursor {cursor}  (or --all)", file=sys.stderr)
 
 
-def cmd_deliveries_get(args: argparse.Namespace, env: Env) -> int:
+def cmd_deliveries_get(args: argparse.Namespace, ctx: context.Context) -> int:
     did = _delivery_id(args.id)
-    _show_delivery(args, _execute(env, lambda m: m.get_delivery(did)))
+    _show_delivery(args, _execute(ctx, lambda m: m.get_delivery(did)))
     return 0
 
 
-def cmd_deliveries_retry(args: argparse.Namespace, env: Env) -> int:
+def cmd_deliveries_retry(args: argparse.Namespace, ctx: context.Context) -> int:
     did = _delivery_id(args.id)
-    _show_delivery(args, _execute(env, lambda m: m.retry_delivery(did)))
+    _show_delivery(args, _execute(ctx, lambda m: m.retry_delivery(did)))
     return 0
 
 
-def cmd_deliveries_cancel(args: argparse.Namespace, env: Env) -> int:
+def cmd_deliveries_cancel(args: argparse.Namespace, ctx: context.Context) -> int:
     did = _delivery_id(args.id)
-    _show_delivery(args, _execute(env, lambda m: m.cancel_delivery(did)))
+    _show_delivery(args, _execute(ctx, lambda m: m.cancel_delivery(did)))
     return 0
 
 
-def cmd_retry_dead(args: argparse.Namespace, env: Env) -> int:
+def cmd_retry_dead(args: argparse.Namespace, ctx: context.Context) -> int:
     sid = _subscription_id(args.subscription)
-    since = _validated(lambda: api.validate_retry_dead({"since": args.since}))
+    since = _validated(lambda: validation.validate_retry_dead({"since": args.since}))
     if args.batch < 1:
-        raise cli.CliError("--batch must be at least 1")
+        raise context.CliError("--batch must be at least 1")
 
     def progress(done: int, total: int) -> None:
         # stderr, so --json output on stdout stays parseable.
         print(f"retry-dead: {done}/{total} queued", file=sys.stderr, flush=True)
 
     result = _execute(
-        env, lambda m: m.retry_dead(sid, since, batch=args.batch, on_progress=progress)
+        ctx, lambda m: m.retry_dead(sid, since, batch=args.batch, on_progress=progress)
     )
     if args.json:
-        cli._print_json(result)
+        context.print_json(result)
     else:
         print(f"queued {result['retried']} dead deliveries for another attempt")
     return 0
@@ -403,10 +475,10 @@ def cmd_retry_dead(args: argparse.Namespace, env: Env) -> int:
 # -- events --------------------------------------------------------------------------------------
 
 
-def cmd_events_get(args: argparse.Namespace, env: Env) -> int:
-    event = _execute(env, lambda m: m.get_event(args.event_id))
+def cmd_events_get(args: argparse.Namespace, ctx: context.Context) -> int:
+    event = _execute(ctx, lambda m: m.get_event(args.event_id))
     if args.json:
-        cli._print_json(event)
+        context.print_json(event)
         return 0
     _fields(event, skip=("deliveries",))
     print()
@@ -414,17 +486,17 @@ def cmd_events_get(args: argparse.Namespace, env: Env) -> int:
     return 0
 
 
-def cmd_events_unrouted(args: argparse.Namespace, env: Env) -> int:
+def cmd_events_unrouted(args: argparse.Namespace, ctx: context.Context) -> int:
     query = _query(args)
-    _validated(lambda: api.page_limit(query))
+    _validated(lambda: validation.page_limit(query))
 
     async def fetch(m: management.Management, q: dict[str, str]) -> dict[str, Any]:
         page = await m.list_unrouted_events(
-            limit=api.page_limit(q), before_id=api.id_cursor(q, "events")
+            limit=validation.page_limit(q), before_id=validation.id_cursor(q, "events")
         )
-        return api.page_body(page, "events")
+        return validation.page_body(page.items, page.next_key, "events")
 
-    items, cursor = _pages(args, env, fetch, query)
+    items, cursor = _pages(args, ctx, fetch, query)
     _print_page(args, items, cursor, EVENT_COLUMNS)
     return 0
 
@@ -437,13 +509,44 @@ def _json_flag(p: argparse.ArgumentParser) -> None:
 
 
 def _paging(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--limit", type=int, default=api.DEFAULT_PAGE_LIMIT, help="page size (1-200)")
+    p.add_argument(
+        "--limit", type=int, default=validation.DEFAULT_PAGE_LIMIT, help="page size (1-200)"
+    )
     p.add_argument("--cursor", help="continue after a previous page")
     p.add_argument("--all", action="store_true", help="follow cursors to the last page")
 
 
-def add_subscription_commands(subs: Any) -> None:
-    """Adds to the ``subscriptions`` group (``add`` and ``list`` live in ``cli``)."""
+def _subscription_commands(sub: Any) -> None:
+    subs = sub.add_parser("subscriptions", help="manage subscriptions").add_subparsers(
+        dest="subcommand", required=True, metavar="SUBCOMMAND"
+    )
+    p = subs.add_parser("add", help="create a subscription; prints it as JSON (secret included)")
+    p.add_argument("--url", required=True)
+    p.add_argument(
+        "--event-type", action="append", required=True, help="exact type or prefix.* (repeatable)"
+    )
+    p.add_argument("--secret", help="whsec_… secret; generated when omitted")
+    p.add_argument("--signature-header", help="also sign the body in this header (sha256=<hex>)")
+    p.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=10,
+        help=f"requests on the wire at once ({validation.MAX_IN_FLIGHT_RANGE[0]}-"
+        f"{validation.MAX_IN_FLIGHT_RANGE[1]})",
+    )
+    p.add_argument("--header", action="append", metavar="NAME=VALUE", help="custom header")
+    p.add_argument("--rate-limit", type=float, help="requests per second (0 = unlimited)")
+    p.add_argument("--description", default="")
+    p.add_argument("--metadata", action="append", metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_add)
+
+    p = subs.add_parser("list", help="list subscriptions, oldest first")
+    p.add_argument("--enabled", choices=("true", "false"), help="only enabled or disabled ones")
+    p.add_argument("--event-type", help="only those that receive this event type")
+    _paging(p)
+    _json_flag(p)
+    p.set_defaults(func=cmd_list)
+
     p = subs.add_parser("get", help="show one subscription (never its secret)")
     p.add_argument("id", metavar="SUBSCRIPTION_ID")
     _json_flag(p)
@@ -487,7 +590,7 @@ def add_subscription_commands(subs: Any) -> None:
     p.add_argument(
         "--grace",
         type=int,
-        default=api.DEFAULT_GRACE_SECONDS,
+        default=validation.DEFAULT_GRACE_SECONDS,
         help="seconds both secrets sign (default one day; 0 retires the old one now)",
     )
     p.add_argument("--secret", help="whsec_… secret to use; generated when omitted")
@@ -510,13 +613,14 @@ def add_subscription_commands(subs: Any) -> None:
 
 
 def add_commands(sub: Any) -> None:
-    """The ``deliveries`` and ``events`` groups."""
+    """The ``subscriptions``, ``deliveries`` and ``events`` groups."""
+    _subscription_commands(sub)
     deliveries = sub.add_parser("deliveries", help="inspect, retry and cancel deliveries")
     group = deliveries.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
 
     p = group.add_parser("list", help="list deliveries, newest first")
     p.add_argument("--subscription", metavar="SUBSCRIPTION_ID")
-    p.add_argument("--state", choices=api.DELIVERY_STATES)
+    p.add_argument("--state", choices=validation.DELIVERY_STATES)
     p.add_argument("--event-type")
     p.add_argument("--since", metavar="TIME", help="created at or after (RFC 3339)")
     p.add_argument("--until", metavar="TIME", help="created before (RFC 3339)")

@@ -1,7 +1,10 @@
--- 002: the reference lead-qualification agent's job table.
+-- Agent track 001: the reference lead-qualification agent's job table, applied by
+-- `dispatcher agent --migrate` (the dispatcher's own migrations never create it).
 -- Append-only: never edit a migration that has shipped; add the next number instead.
+-- IF NOT EXISTS: databases migrated before the agent had its own track got this table from
+-- the dispatcher's former 002_agent.sql (the same definition); they adopt it as it is.
 
-CREATE TABLE agent_jobs (
+CREATE TABLE IF NOT EXISTS agent_jobs (
     id               text        PRIMARY KEY CHECK (id ~ '^lq-[0-9a-f]{20}$'),
     -- QUEUED → DATA_ENRICHMENT_COMPLETE → CRITERIA_CHECK_COMPLETE → COMPLETE, or FAILED.
     status           text        NOT NULL DEFAULT 'QUEUED'
@@ -30,5 +33,5 @@ CREATE TABLE agent_jobs (
 );
 
 -- Runners look only for unfinished jobs, oldest first.
-CREATE INDEX agent_jobs_unfinished ON agent_jobs (created_at, id)
+CREATE INDEX IF NOT EXISTS agent_jobs_unfinished ON agent_jobs (created_at, id)
     WHERE status NOT IN ('COMPLETE', 'FAILED');

@@ -1,57 +1,19 @@
 """Build, sign and send one webhook request, and classify what happened.
 
 No database access and no retry decisions here: the claimer owns those. The sender never
-raises for an HTTP outcome; every attempt ends as an ``errors.AttemptResult``.
+raises for an HTTP outcome; every attempt ends as a ``model.AttemptResult``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable, Mapping
 
 import aiohttp
 
-from dispatcher import backoff, errors, signing
+from dispatcher import backoff, model, signing
 
 USER_AGENT = "dispatcher-webhooks/0.1"
-# Headers a subscription's custom headers may not override: the signature and framing ones.
-RESERVED_HEADERS = frozenset(
-    {
-        "content-type",
-        "content-length",
-        "host",
-        "user-agent",
-        "webhook-id",
-        "webhook-timestamp",
-        "webhook-signature",
-        "transfer-encoding",
-        "connection",
-    }
-)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Job:
-    """One claimed delivery: everything needed to send it and to fence its result."""
-
-    delivery_id: int
-    lease_token: int
-    attempt: int
-    subscription_id: str
-    url: str
-    event_id: str
-    event_type: str
-    body: bytes
-    secrets: tuple[str, ...] = dataclasses.field(repr=False)
-    signature_header: str | None
-    signers: tuple[str, ...]
-    headers: Mapping[str, str]
-    event_created_at: float
-    ordering_key: str | None = None
-    manual: bool = False
-    # The subscription's overrides of the configured retry policy (field name → value).
-    retry_policy: Mapping[str, float] | None = None
 
 
 class Sender:
@@ -59,7 +21,7 @@ class Sender:
 
     ``guard`` is called with the URL before every attempt and raises to refuse it (the SSRF
     guard plugs in there); ``is_blocked`` recognises the guard's refusals inside aiohttp's
-    connection errors."""
+    connection model."""
 
     def __init__(
         self,
@@ -90,9 +52,9 @@ class Sender:
         # a list and a tuple per attempt (bench profile).
         self._signers: dict[tuple[str | None, tuple[str, ...]], tuple[signing.Signer, ...]] = {}
 
-    def build_headers(self, job: Job, timestamp: int) -> dict[str, str]:
+    def build_headers(self, job: model.Job, timestamp: int) -> dict[str, str]:
         headers = (
-            {k: v for k, v in job.headers.items() if k.lower() not in RESERVED_HEADERS}
+            {k: v for k, v in job.headers.items() if k.lower() not in model.RESERVED_HEADERS}
             if job.headers
             else {}
         )
@@ -115,8 +77,8 @@ class Sender:
         return headers
 
     async def send(
-        self, job: Job, trace_headers: Mapping[str, str] | None = None
-    ) -> errors.AttemptResult:
+        self, job: model.Job, trace_headers: Mapping[str, str] | None = None
+    ) -> model.AttemptResult:
         """``trace_headers``: the attempt span's ``traceparent``/``tracestate`` (tracing on);
         set after the subscription's custom headers, so those cannot forge them."""
         started = time.monotonic()
@@ -130,21 +92,21 @@ class Sender:
             # body is cut at the deadline: tests/chaos); a second asyncio.timeout cost ~3 % CPU.
             return await self._post(job, headers, started)
         except TimeoutError:
-            return self._failure(errors.Outcome.TIMEOUT, "request deadline exceeded", started)
+            return self._failure(model.Outcome.TIMEOUT, "request deadline exceeded", started)
         except aiohttp.ServerTimeoutError as exc:
-            return self._failure(errors.Outcome.TIMEOUT, _describe(exc), started)
+            return self._failure(model.Outcome.TIMEOUT, _describe(exc), started)
         except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
             if self._is_blocked(exc):
                 return self._blocked(exc, started)
-            return self._failure(errors.Outcome.CONNECT_ERROR, _describe(exc), started)
+            return self._failure(model.Outcome.CONNECT_ERROR, _describe(exc), started)
         except aiohttp.ClientError as exc:
             if self._is_blocked(exc):
                 return self._blocked(exc, started)
-            return self._failure(errors.Outcome.OTHER, _describe(exc), started)
+            return self._failure(model.Outcome.OTHER, _describe(exc), started)
         except signing.SigningError as exc:
-            return errors.AttemptResult(
-                verdict=errors.Verdict.PERMANENT,
-                outcome=errors.Outcome.OTHER,
+            return model.AttemptResult(
+                verdict=model.Verdict.PERMANENT,
+                outcome=model.Outcome.OTHER,
                 status=None,
                 error=f"signing: {exc}",
                 duration_seconds=time.monotonic() - started,
@@ -155,8 +117,8 @@ class Sender:
             raise
 
     async def _post(
-        self, job: Job, headers: dict[str, str], started: float
-    ) -> errors.AttemptResult:
+        self, job: model.Job, headers: dict[str, str], started: float
+    ) -> model.AttemptResult:
         async with self._session.post(
             job.url,
             data=job.body,
@@ -192,9 +154,9 @@ class Sender:
         return raw.decode("utf-8", errors="replace").replace("\x00", "\ufffd")
 
     @staticmethod
-    def _failure(outcome: errors.Outcome, error: str, started: float) -> errors.AttemptResult:
-        return errors.AttemptResult(
-            verdict=errors.Verdict.RETRYABLE,
+    def _failure(outcome: model.Outcome, error: str, started: float) -> model.AttemptResult:
+        return model.AttemptResult(
+            verdict=model.Verdict.RETRYABLE,
             outcome=outcome,
             status=None,
             error=error,
@@ -202,10 +164,10 @@ class Sender:
         )
 
     @staticmethod
-    def _blocked(exc: BaseException, started: float) -> errors.AttemptResult:
-        return errors.AttemptResult(
-            verdict=errors.Verdict.BLOCKED,
-            outcome=errors.Outcome.BLOCKED,
+    def _blocked(exc: BaseException, started: float) -> model.AttemptResult:
+        return model.AttemptResult(
+            verdict=model.Verdict.BLOCKED,
+            outcome=model.Outcome.BLOCKED,
             status=None,
             error=f"blocked: {_describe(exc)}",
             duration_seconds=time.monotonic() - started,
@@ -219,29 +181,29 @@ def classify_response(
     duration: float,
     excerpt: str | None = None,
     now: float,
-) -> errors.AttemptResult:
-    """HTTP status → verdict and metric outcome (DESIGN.md, contract 2)."""
-    outcome: errors.Outcome
-    verdict: errors.Verdict
+) -> model.AttemptResult:
+    """HTTP status → verdict and metric outcome."""
+    outcome: model.Outcome
+    verdict: model.Verdict
     wait: float | None = None
     if 200 <= status < 300:
-        verdict, outcome = errors.Verdict.DELIVERED, errors.Outcome.SUCCESS
+        verdict, outcome = model.Verdict.DELIVERED, model.Outcome.SUCCESS
     elif status == 410:
-        verdict, outcome = errors.Verdict.GONE, errors.Outcome.HTTP_4XX
+        verdict, outcome = model.Verdict.GONE, model.Outcome.HTTP_4XX
     elif status == 429:
-        verdict, outcome = errors.Verdict.RETRYABLE, errors.Outcome.HTTP_429
+        verdict, outcome = model.Verdict.RETRYABLE, model.Outcome.HTTP_429
         wait = backoff.parse_retry_after(retry_after, now=now)
     elif status == 408:
-        verdict, outcome = errors.Verdict.RETRYABLE, errors.Outcome.HTTP_4XX
+        verdict, outcome = model.Verdict.RETRYABLE, model.Outcome.HTTP_4XX
     elif 500 <= status < 600:
-        verdict, outcome = errors.Verdict.RETRYABLE, errors.Outcome.HTTP_5XX
+        verdict, outcome = model.Verdict.RETRYABLE, model.Outcome.HTTP_5XX
         wait = backoff.parse_retry_after(retry_after, now=now)
     elif 400 <= status < 500:
-        verdict, outcome = errors.Verdict.PERMANENT, errors.Outcome.HTTP_4XX
+        verdict, outcome = model.Verdict.PERMANENT, model.Outcome.HTTP_4XX
     else:  # 1xx/3xx: redirects are never followed and count as failures
-        verdict, outcome = errors.Verdict.PERMANENT, errors.Outcome.OTHER
-    error = None if verdict is errors.Verdict.DELIVERED else f"HTTP {status}"
-    return errors.AttemptResult(
+        verdict, outcome = model.Verdict.PERMANENT, model.Outcome.OTHER
+    error = None if verdict is model.Verdict.DELIVERED else f"HTTP {status}"
+    return model.AttemptResult(
         verdict=verdict,
         outcome=outcome,
         status=status,

@@ -33,6 +33,8 @@ import pytest
 import yaml
 
 from dispatcher import cli, tracing
+from dispatcher.cli import context
+from dispatcher.cli import settings as cli_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -282,7 +284,7 @@ def test_compose_has_the_whole_stack() -> None:
     assert services["migrate"]["command"] == ["migrate"]
     assert services["migrate"]["restart"] == "no"
     assert services["dispatcher"]["command"] == ["run"]
-    assert services["agent"]["command"] == ["agent"]
+    assert services["agent"]["command"] == ["agent", "--migrate"]
     receiver = services["receiver"]
     assert receiver["entrypoint"] == ["python", "-m", "dispatcher.examples.receiver"]
     assert receiver["command"][:2] == ["--listen", "0.0.0.0:9000"]
@@ -330,8 +332,9 @@ def test_compose_ssrf_allow_list_is_exactly_the_receivers_network() -> None:
     assert allowed == subnet, "one knob (RECEIVER_SUBNET) must set both"
     # The agent checks callback URLs against the same policy before accepting a job.
     assert services["agent"]["environment"]["DISPATCHER_ALLOW_CIDRS"] == subnet
-    assert cli.allow_cidrs({"DISPATCHER_ALLOW_CIDRS": _default(allowed)})
-    cli.address_policy({"DISPATCHER_ALLOW_CIDRS": _default(allowed)})  # parses
+    ctx = context.Context.from_env({"DISPATCHER_ALLOW_CIDRS": _default(allowed)})
+    assert ctx.values["DISPATCHER_ALLOW_CIDRS"]
+    ctx.address_policy()  # parses
     assert services["receiver"]["networks"] == ["receivers"]
     on_receivers = {n for n, s in services.items() if "receivers" in s.get("networks", [])}
     assert on_receivers == {"dispatcher", "receiver"}
@@ -351,7 +354,7 @@ def test_compose_stop_grace_outlasts_the_drain() -> None:
     dispatcher = _compose()["services"]["dispatcher"]
     grace = float(
         dispatcher["environment"].get(
-            "DISPATCHER_SHUTDOWN_GRACE", cli.ENVIRONMENT["DISPATCHER_SHUTDOWN_GRACE"][0]
+            "DISPATCHER_SHUTDOWN_GRACE", cli_settings.ENVIRONMENT["DISPATCHER_SHUTDOWN_GRACE"][0]
         )
     )
     stop = _seconds(dispatcher["stop_grace_period"])
@@ -823,7 +826,7 @@ def test_sidecar_deployment() -> None:
     assert set(containers) == {"agent", "dispatcher"}
     dispatcher = containers["dispatcher"]
     assert dispatcher["args"] == ["run"]
-    assert containers["agent"]["args"] == ["agent"]
+    assert containers["agent"]["args"] == ["agent", "--migrate"]
     env = _env(dispatcher)
     host, port = env["DISPATCHER_LISTEN"].rsplit(":", 1)
     (admin,) = [p for p in dispatcher["ports"] if p["name"] == "admin"]
@@ -939,11 +942,13 @@ def _deploy_env_names() -> dict[str, set[str]]:
 
 def test_env_vars_in_deploy_files_are_documented_by_the_cli() -> None:
     undocumented = {
-        name: sorted(names - set(cli.ENVIRONMENT))
+        name: sorted(names - set(cli_settings.ENVIRONMENT))
         for name, names in _deploy_env_names().items()
-        if names - set(cli.ENVIRONMENT)
+        if names - set(cli_settings.ENVIRONMENT)
     }
-    assert undocumented == {}, "add them to dispatcher.cli.ENVIRONMENT or fix the deploy file"
+    assert undocumented == {}, (
+        "add them to the table in dispatcher.cli.settings or fix the deploy file"
+    )
 
 
 def test_env_var_scan_sees_the_files() -> None:

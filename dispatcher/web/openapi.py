@@ -1,8 +1,9 @@
 """The OpenAPI 3 document of the ``/v1`` admin API, built from the same limits the validators use.
 
 Served at ``/v1/openapi.json``. ``tests/integration/test_api_openapi.py`` checks that every
-route ``dispatcher.api`` registers is documented here and nothing else is, and a schemathesis
-run checks the responses against it. No I/O and no HTTP handling here.
+route ``dispatcher.web.admin_api`` registers is documented here and nothing else is, and a
+schemathesis run checks the responses against it. The limits come from
+``dispatcher.validation``. No I/O and no HTTP handling here.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from dispatcher import __version__
+from dispatcher import __version__, validation
 
 _NULLABLE_STRING = {"type": "string", "nullable": True}
 _DATE_TIME = {"type": "string", "format": "date-time"}
@@ -79,15 +80,13 @@ def _path(name: str, schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def _schemas() -> dict[str, Any]:
-    from dispatcher import api  # noqa: PLC0415 (api imports this module)
-
     event_type = {
         "type": "string",
         "minLength": 1,
-        "maxLength": api.MAX_EVENT_TYPE_LENGTH,
-        "pattern": api.EVENT_TYPE_PATTERN,
+        "maxLength": validation.MAX_EVENT_TYPE_LENGTH,
+        "pattern": validation.EVENT_TYPE_PATTERN,
     }
-    header_name = {"type": "string", "pattern": api.HEADER_NAME_PATTERN}
+    header_name = {"type": "string", "pattern": validation.HEADER_NAME_PATTERN}
     retry_policy = {
         "type": "object",
         "nullable": True,
@@ -95,57 +94,60 @@ def _schemas() -> dict[str, Any]:
         "description": "Overrides of the configured retry policy for this subscription.",
         "properties": {
             name: {"type": kind, "minimum": low, "maximum": high}
-            for name, (kind, low, high) in api.RETRY_POLICY_FIELDS.items()
+            for name, (kind, low, high) in validation.RETRY_POLICY_FIELDS.items()
         },
     }
     headers = {
         "type": "object",
-        "maxProperties": api.MAX_HEADERS,
-        "additionalProperties": {"type": "string", "maxLength": api.MAX_HEADER_VALUE_LENGTH},
+        "maxProperties": validation.MAX_HEADERS,
+        "additionalProperties": {"type": "string", "maxLength": validation.MAX_HEADER_VALUE_LENGTH},
         "description": "Extra request headers sent with every delivery.",
     }
     metadata = {
         "type": "object",
-        "maxProperties": api.MAX_METADATA_KEYS,
-        "additionalProperties": {"type": "string", "maxLength": api.MAX_METADATA_VALUE_LENGTH},
+        "maxProperties": validation.MAX_METADATA_KEYS,
+        "additionalProperties": {
+            "type": "string",
+            "maxLength": validation.MAX_METADATA_VALUE_LENGTH,
+        },
     }
     writable: dict[str, Any] = {
         "url": {
             "type": "string",
             "minLength": 1,
-            "maxLength": api.MAX_URL_LENGTH,
+            "maxLength": validation.MAX_URL_LENGTH,
             "pattern": "^https?://[^/?#@\\s]+",
         },
         "event_types": {
             "type": "array",
             "minItems": 1,
-            "maxItems": api.MAX_EVENT_TYPES,
+            "maxItems": validation.MAX_EVENT_TYPES,
             "items": event_type,
         },
         "headers": headers,
         "signature_header": {**header_name, "nullable": True},
         "signers": {
             "type": "array",
-            "maxItems": api.MAX_SIGNERS,
+            "maxItems": validation.MAX_SIGNERS,
             "items": {"type": "string", "minLength": 1, "maxLength": 100},
         },
         "max_in_flight": {
             "type": "integer",
-            "minimum": api.MAX_IN_FLIGHT_RANGE[0],
-            "maximum": api.MAX_IN_FLIGHT_RANGE[1],
+            "minimum": validation.MAX_IN_FLIGHT_RANGE[0],
+            "maximum": validation.MAX_IN_FLIGHT_RANGE[1],
         },
         "rate_limit_per_second": {
             "type": "number",
             "nullable": True,
             "minimum": 0,
             "exclusiveMinimum": True,
-            "maximum": api.MAX_RATE_PER_SECOND,
+            "maximum": validation.MAX_RATE_PER_SECOND,
         },
         "retry_policy": retry_policy,
-        "description": {"type": "string", "maxLength": api.MAX_DESCRIPTION_LENGTH},
+        "description": {"type": "string", "maxLength": validation.MAX_DESCRIPTION_LENGTH},
         "metadata": metadata,
     }
-    secret = {"type": "string", "minLength": 16, "maxLength": api.MAX_SECRET_LENGTH}
+    secret = {"type": "string", "minLength": 16, "maxLength": validation.MAX_SECRET_LENGTH}
     subscription_props: dict[str, Any] = {
         "id": {"type": "string", "format": "uuid"},
         "url": {"type": "string"},
@@ -186,7 +188,7 @@ def _schemas() -> dict[str, Any]:
         "event_id": {"type": "string"},
         "event_type": {"type": "string"},
         "subscription_id": {"type": "string", "format": "uuid"},
-        "state": {"type": "string", "enum": list(api.DELIVERY_STATES)},
+        "state": {"type": "string", "enum": list(validation.DELIVERY_STATES)},
         "attempts": {"type": "integer"},
         "next_attempt_at": _NULLABLE_DATE_TIME,
         "last_status": {"type": "integer", "nullable": True},
@@ -282,7 +284,11 @@ def _schemas() -> dict[str, Any]:
             "type": "object",
             "additionalProperties": False,
             "properties": {
-                "reason": {"type": "string", "minLength": 1, "maxLength": api.MAX_REASON_LENGTH}
+                "reason": {
+                    "type": "string",
+                    "minLength": 1,
+                    "maxLength": validation.MAX_REASON_LENGTH,
+                }
             },
         },
         "Rotate": {
@@ -293,8 +299,8 @@ def _schemas() -> dict[str, Any]:
                 "grace_period_seconds": {
                     "type": "integer",
                     "minimum": 0,
-                    "maximum": api.MAX_GRACE_SECONDS,
-                    "default": api.DEFAULT_GRACE_SECONDS,
+                    "maximum": validation.MAX_GRACE_SECONDS,
+                    "default": validation.DEFAULT_GRACE_SECONDS,
                 },
             },
         },
@@ -341,17 +347,17 @@ def _schemas() -> dict[str, Any]:
 
 
 def _paths() -> dict[str, Any]:
-    from dispatcher import api  # noqa: PLC0415
-
     sub_id = _path("subscription_id", {"type": "string", "format": "uuid"})
-    del_id = _path("delivery_id", {"type": "integer", "minimum": 1, "maximum": api.MAX_DELIVERY_ID})
+    del_id = _path(
+        "delivery_id", {"type": "integer", "minimum": 1, "maximum": validation.MAX_DELIVERY_ID}
+    )
     limit = _query(
         "limit",
         {
             "type": "integer",
-            "minimum": api.PAGE_LIMIT_RANGE[0],
-            "maximum": api.PAGE_LIMIT_RANGE[1],
-            "default": api.DEFAULT_PAGE_LIMIT,
+            "minimum": validation.PAGE_LIMIT_RANGE[0],
+            "maximum": validation.PAGE_LIMIT_RANGE[1],
+            "default": validation.DEFAULT_PAGE_LIMIT,
         },
         "Page size.",
     )
@@ -394,7 +400,11 @@ def _paths() -> dict[str, Any]:
                     ),
                     _query(
                         "event_type",
-                        {"type": "string", "minLength": 1, "maxLength": api.MAX_EVENT_TYPE_LENGTH},
+                        {
+                            "type": "string",
+                            "minLength": 1,
+                            "maxLength": validation.MAX_EVENT_TYPE_LENGTH,
+                        },
                         "Subscriptions listing exactly this event-type pattern.",
                     ),
                 ],
@@ -520,12 +530,16 @@ def _paths() -> dict[str, Any]:
                     ),
                     _query(
                         "state",
-                        {"type": "string", "enum": list(api.DELIVERY_STATES)},
+                        {"type": "string", "enum": list(validation.DELIVERY_STATES)},
                         "Only this state.",
                     ),
                     _query(
                         "event_type",
-                        {"type": "string", "minLength": 1, "maxLength": api.MAX_EVENT_TYPE_LENGTH},
+                        {
+                            "type": "string",
+                            "minLength": 1,
+                            "maxLength": validation.MAX_EVENT_TYPE_LENGTH,
+                        },
                         "Only this exact event type.",
                     ),
                     _query("created_after", _DATE_TIME, "Created at or after (RFC 3339)."),
@@ -575,7 +589,7 @@ def _paths() -> dict[str, Any]:
             "parameters": [
                 _path(
                     "event_id",
-                    {"type": "string", "minLength": 1, "maxLength": api.MAX_EVENT_ID_LENGTH},
+                    {"type": "string", "minLength": 1, "maxLength": validation.MAX_EVENT_ID_LENGTH},
                 )
             ],
             "get": _op(
