@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 import structlog
 
 from dispatcher import config, model
-from dispatcher.db import pool as db_pool
 
 if TYPE_CHECKING:
     from opentelemetry import trace as trace_api
@@ -400,6 +399,10 @@ class Tracing:
         per claim batch). A database error only means these attempts start new traces."""
         if not jobs or self._fetch is None or hasattr(jobs[0], "traceparent"):
             return
+        # Here, not at the top: ``dispatcher.publish`` imports this module, and a producer
+        # importing it must not load the database driver for it.
+        from dispatcher.db import pool as db_pool  # noqa: PLC0415
+
         try:
             found = await self._fetch([job.delivery_id for job in jobs])
         except db_pool.ERRORS as exc:
