@@ -13,6 +13,7 @@ import contextlib
 import functools
 from typing import Any
 
+import aiohttp.abc
 import prometheus_client as prom
 import structlog
 from aiohttp import web
@@ -35,6 +36,7 @@ from dispatcher import (
 from dispatcher.db import listener, management, migrate, repository, trace_context
 from dispatcher.db import pool as db_pool
 from dispatcher.web import admin_api, probes
+from dispatcher.web.console import pages as console_pages
 
 log = structlog.get_logger("dispatcher.app")
 
@@ -47,8 +49,11 @@ class Dispatcher:
         settings: config.Settings,
         *,
         registry: prom.CollectorRegistry | None = None,
+        url_resolver: aiohttp.abc.AbstractResolver | None = None,
     ) -> None:
         self.settings = settings
+        # Resolves a new subscription URL's host for the early check (system DNS when None).
+        self.url_resolver = url_resolver
         self.registry = registry or prom.CollectorRegistry()
         self.metrics = metrics.Metrics(
             self.registry, max_subscriptions=settings.metrics_max_subscriptions, version=__version__
@@ -85,11 +90,11 @@ class Dispatcher:
             log.warning("secrets_stored_in_plaintext", hint="set DISPATCHER_SECRET_KEYS")
         self.readiness = probes.Readiness(repo.ping)
         signers = signing.SignerRegistry.load()
+        mgmt = management.Management(
+            self.pool, repo, check_url=ssrf.resolving_check(self.policy, self.url_resolver)
+        )
         management_api = admin_api.build(
-            management.Management(self.pool, repo),
-            token=s.admin_token,
-            policy=self.policy,
-            signers=signers,
+            mgmt, token=s.admin_token, policy=self.policy, signers=signers
         )
         guarded = [f"/{name}" for name in config.PROBE_ENDPOINTS if name not in s.open_endpoints]
         runner = web.AppRunner(
@@ -97,6 +102,7 @@ class Dispatcher:
                 self.readiness,
                 self.registry,
                 api=management_api,
+                console=console_pages.build(mgmt, token=s.admin_token, signers=signers),
                 middlewares=[admin_api.probe_guard(s.admin_token, guarded)] if guarded else [],
             ),
             access_log=None,
@@ -107,7 +113,9 @@ class Dispatcher:
         self.bound_port = _bound_port(runner)
         policy = self.policy
         resolver = ssrf.build_connector_resolver(policy)
-        session = sender.build_session(max_connections=s.max_in_flight, resolver=resolver)
+        session = sender.build_session(
+            max_connections=s.max_in_flight, resolver=resolver, tls=sender.tls_context()
+        )
         http_sender = sender.Sender(
             session,
             signers,
