@@ -29,7 +29,7 @@ import re
 import sys
 import threading
 import urllib.parse
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
@@ -58,8 +58,6 @@ SAMPLERS = (
 SERVICE_NAME = "dispatcher"
 # Remembered redacted URLs (per subscription URL), bounded like the SSRF guard's cache.
 _URL_CACHE_MAX = 4096
-# Trace contexts fetched for claimed jobs and not yet picked up by an attempt.
-_PENDING_MAX = 100_000
 SHUTDOWN_TIMEOUT_SECONDS = 5.0
 # Exemplar label names: Grafana's exemplar links (grafana/provisioning) look for trace_id.
 EXEMPLAR_TRACE_ID = "trace_id"
@@ -258,8 +256,6 @@ class Tracer(Protocol):
 
     def attempt(self, job: Any) -> Attempt: ...
 
-    async def load_contexts(self, jobs: Sequence[Any]) -> None: ...
-
     def routed(
         self, started_ns: int, ended_ns: int, counts: Mapping[str, int], traced: Sequence[Any]
     ) -> None: ...
@@ -288,9 +284,6 @@ class Off:
     def attempt(self, job: Any) -> Attempt:
         return _NO_ATTEMPT
 
-    async def load_contexts(self, jobs: Sequence[Any]) -> None:
-        return
-
     def routed(
         self, started_ns: int, ended_ns: int, counts: Mapping[str, int], traced: Sequence[Any]
     ) -> None:
@@ -301,8 +294,6 @@ class Off:
 
 
 OFF = Off()
-
-FetchContexts = Callable[[list[int]], Awaitable[Mapping[int, tuple[str, str | None]]]]
 
 
 class _Attempt:
@@ -362,7 +353,6 @@ class Tracing:
         settings: config.TracingSettings,
         *,
         version: str,
-        fetch_contexts: FetchContexts | None = None,
         exporter: sdk_export.SpanExporter | None = None,
     ) -> None:
         from opentelemetry import context, trace  # noqa: PLC0415
@@ -373,7 +363,6 @@ class Tracing:
 
         self._trace = trace
         self._context = context
-        self._fetch = fetch_contexts
         resource = resources.Resource.create(
             {"service.name": settings.service_name, "service.version": version}
         )
@@ -389,28 +378,9 @@ class Tracing:
         self._tracer = self.provider.get_tracer("dispatcher", version)
         self._client = trace.SpanKind.CLIENT
         self._internal = trace.SpanKind.INTERNAL
-        self._pending: dict[int, tuple[str, str | None]] = {}
         self._urls: dict[str, tuple[str, str | None, int | None]] = {}
 
     # -- attempts --------------------------------------------------------------------------
-
-    async def load_contexts(self, jobs: Sequence[Any]) -> None:
-        """Fetch the stored trace context of claimed jobs whose ``Job`` lacks it (one query
-        per claim batch). A database error only means these attempts start new traces."""
-        if not jobs or self._fetch is None or hasattr(jobs[0], "traceparent"):
-            return
-        # Here, not at the top: ``dispatcher.publish`` imports this module, and a producer
-        # importing it must not load the database driver for it.
-        from dispatcher.db import pool as db_pool  # noqa: PLC0415
-
-        try:
-            found = await self._fetch([job.delivery_id for job in jobs])
-        except db_pool.ERRORS as exc:
-            log.warning("trace_context_unavailable", error=type(exc).__name__)
-            return
-        if len(self._pending) + len(found) > _PENDING_MAX:
-            self._pending.clear()  # leftovers of jobs that never started (cancelled at drain)
-        self._pending.update(found)
 
     def attempt(self, job: Any) -> Attempt:
         """The attempt's span (``_NO_ATTEMPT`` if OpenTelemetry fails: the request goes out
@@ -422,11 +392,7 @@ class Tracing:
             return _NO_ATTEMPT
 
     def _attempt(self, job: Any) -> Attempt:
-        traceparent: str | None = getattr(job, "traceparent", None)
-        tracestate: str | None = getattr(job, "tracestate", None)
-        if traceparent is None:
-            traceparent, tracestate = self._pending.pop(job.delivery_id, (None, None))
-        origin = _remote_context(traceparent, tracestate)
+        origin = _remote_context(job.traceparent, job.tracestate)
         trace = self._trace
         links: list[trace_api.Link] = []
         parent = self._context.Context()
@@ -548,7 +514,6 @@ def start(
     settings: config.TracingSettings | None,
     *,
     version: str,
-    fetch_contexts: FetchContexts | None = None,
 ) -> Tracer:
     """``Tracing`` when configured and installed, else ``OFF`` (with a warning when an
     endpoint is configured but the extra is missing: tracing is never worth a failed start)."""
@@ -561,7 +526,7 @@ def start(
             hint="pip install 'dispatcher[tracing]'",
         )
         return OFF
-    tracer = Tracing(settings, version=version, fetch_contexts=fetch_contexts)
+    tracer = Tracing(settings, version=version)
     log.info(
         "tracing_enabled",
         endpoint=safe_url(settings.endpoint)[0],

@@ -34,16 +34,30 @@ def server_settings(application_name: str = "dispatcher") -> dict[str, str]:
 
 
 async def create_pool(
-    dsn: str, *, min_size: int = 1, max_size: int = 10, application_name: str = "dispatcher"
+    dsn: str,
+    *,
+    min_size: int = 1,
+    max_size: int = 10,
+    application_name: str = "dispatcher",
+    reset_session: bool = True,
 ) -> Any:
-    """A pool whose connections carry :data:`SESSION_SETTINGS`."""
+    """A pool whose connections carry :data:`SESSION_SETTINGS`.
+
+    ``reset_session=False`` is for callers that never leave session state behind (no SET,
+    LISTEN, cursors or session-level advisory locks): a released connection then skips the
+    reset statement, a round trip per release (an open transaction is still rolled back)."""
     return await asyncpg.create_pool(
         dsn,
         min_size=min_size,
         max_size=max_size,
         server_settings=server_settings(application_name),
         command_timeout=60,
+        reset=None if reset_session else _keep_session,
     )
+
+
+async def _keep_session(_conn: Any) -> None:
+    return None
 
 
 async def connect(dsn: str, *, application_name: str = "dispatcher") -> Any:

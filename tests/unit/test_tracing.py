@@ -198,6 +198,8 @@ def test_an_opentelemetry_failure_never_costs_the_delivery() -> None:
         subscription_id = "sub"
         attempt = 1
         manual = False
+        traceparent = None
+        tracestate = None
 
     attempt = tracer.attempt(Job())
     assert attempt.headers is not None
