@@ -23,6 +23,7 @@ from dispatcher import (
     endpoint_health,
     gauges,
     metrics,
+    operational,
     retention,
     router,
     secretbox,
@@ -31,6 +32,7 @@ from dispatcher import (
     ssrf,
 )
 from dispatcher.db import listener, management, migrate, repository
+from dispatcher.db import operational as db_operational
 from dispatcher.db import pool as db_pool
 from dispatcher.web import admin_api, probes
 
@@ -68,7 +70,13 @@ class Dispatcher:
 
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings
-        self.pool = await db_pool.create_pool(s.database_url, min_size=2, max_size=8)
+        self.pool = await db_pool.create_pool(
+            s.database_url,
+            min_size=2,
+            max_size=8,
+            # Read by the dead-letter trigger that writes the operational events (sql/011).
+            extra_settings={db_operational.DEAD_EVENTS_SETTING: str(s.dead_events_per_minute)},
+        )
         try:
             await migrate.require_current(self.pool)
             await self._serve(stop)
@@ -168,6 +176,12 @@ class Dispatcher:
             asyncio.create_task(reaper.run(background_stop), name="reaper"),
             asyncio.create_task(gauge_loop.run(background_stop), name="gauges"),
             asyncio.create_task(monitor.run(background_stop, work), name="health"),
+            asyncio.create_task(
+                operational.SummaryFlusher(
+                    self.pool, interval_seconds=max(s.poll_interval_seconds, 0.05)
+                ).run(background_stop),
+                name="dead_letter_summaries",
+            ),
             asyncio.create_task(
                 retention.Pruner(self.pool, self.metrics, s.retention).run(background_stop),
                 name="retention",

@@ -6,6 +6,7 @@ claimers of other replicas are waiting on.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import asyncpg
@@ -29,19 +30,27 @@ SESSION_SETTINGS = {
 }
 
 
-def server_settings(application_name: str = "dispatcher") -> dict[str, str]:
-    return {**SESSION_SETTINGS, "application_name": application_name}
+def server_settings(
+    application_name: str = "dispatcher", extra: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    return {**SESSION_SETTINGS, "application_name": application_name, **(extra or {})}
 
 
 async def create_pool(
-    dsn: str, *, min_size: int = 1, max_size: int = 10, application_name: str = "dispatcher"
+    dsn: str,
+    *,
+    min_size: int = 1,
+    max_size: int = 10,
+    application_name: str = "dispatcher",
+    extra_settings: Mapping[str, str] | None = None,
 ) -> Any:
-    """A pool whose connections carry :data:`SESSION_SETTINGS`."""
+    """A pool whose connections carry :data:`SESSION_SETTINGS` (and ``extra_settings``:
+    session settings the schema's triggers read)."""
     return await asyncpg.create_pool(
         dsn,
         min_size=min_size,
         max_size=max_size,
-        server_settings=server_settings(application_name),
+        server_settings=server_settings(application_name, extra_settings),
         command_timeout=60,
     )
 
