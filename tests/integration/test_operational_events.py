@@ -17,9 +17,10 @@ import orjson
 import pytest
 from standardwebhooks.webhooks import Webhook
 
-from dispatcher import config, model
-from dispatcher.db import operational, repository
+from dispatcher import config, model, secretbox
+from dispatcher.db import management, operational, repository
 from dispatcher.db import pool as db_pool
+from dispatcher.db import secrets as db_secrets
 from tests import support
 from tests.integration.test_health import FAST_HEALTH
 
@@ -345,3 +346,50 @@ async def test_catch_all_subscriptions_do_not_receive_operational_events(
     [disabled] = received(ops, "dispatcher.subscription.disabled")
     assert disabled["data"]["reason"] == "operator"
     assert disabled["data"]["detail"] == "maintenance"
+
+
+async def test_the_summary_of_a_finished_minute_reaches_the_operations_endpoint(
+    dsn: str, pool: Any, make_receiver: Any, start_dispatcher: Any
+) -> None:
+    ops = await make_receiver()
+    await support.subscribe(pool, ops.url, event_types=("dispatcher.deliveries.*",))
+    sid = await support.subscribe(pool, event_types=("order.*",))
+    # Rate 0: every dead letter is left to the summary.
+    ids = await _dead_at_once(
+        dsn, pool, sid, 3, extra_settings={operational.DEAD_EVENTS_SETTING: "0"}
+    )
+    # The minute passes (its row moved one minute back, instead of waiting for the clock).
+    await pool.execute(
+        "UPDATE webhook_dead_letter_counts SET minute = minute - interval '1 minute'"
+    )
+    await start_dispatcher()
+
+    [summary] = await support.wait_for(
+        lambda: received(ops, "dispatcher.deliveries.dead_summary"), message="the summary"
+    )
+    assert summary["data"]["sample_delivery_ids"] == ids
+    assert (summary["data"]["dead"], summary["data"]["suppressed"]) == (3, 3)
+    assert await operational_events(pool, "dispatcher.delivery.dead") == []
+
+
+async def test_reencrypting_a_secret_is_not_a_rotation(pool: Any) -> None:
+    sid = await support.subscribe(pool, event_types=("order.*",))
+    box = secretbox.SecretBox.from_spec(f"k1:{secretbox.generate_key()}")
+    assert (await db_secrets.reencrypt(pool, box)).resealed == 1
+    assert await operational_events(pool) == []
+    await management.Management(pool, repository.Repository(pool, box=box)).rotate_secret(
+        uuid.UUID(sid), support.SECRET, 60
+    )
+    [rotated] = await operational_events(pool)
+    assert rotated["type"] == "dispatcher.subscription.secret_rotated"
+    assert rotated["data"]["previous_secret_valid_until"] is not None
+
+
+async def test_events_name_the_host_never_credentials_path_or_query(pool: Any) -> None:
+    for url, host in [
+        ("https://user:pw@api.example.com:8443/hook?token=x#f", "api.example.com"),
+        ("http://[::1]:9/ops", "[::1]"),
+        ("https://hooks.example.com", "hooks.example.com"),
+        ("http://user@10.0.0.1/x", "10.0.0.1"),
+    ]:
+        assert await pool.fetchval("SELECT dispatcher_url_host($1)", url) == host
