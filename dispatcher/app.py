@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 from typing import Any
 
+import aiohttp.abc
 import prometheus_client as prom
 import structlog
 from aiohttp import web
@@ -47,8 +48,11 @@ class Dispatcher:
         settings: config.Settings,
         *,
         registry: prom.CollectorRegistry | None = None,
+        url_resolver: aiohttp.abc.AbstractResolver | None = None,
     ) -> None:
         self.settings = settings
+        # Resolves a new subscription URL's host for the early check (system DNS when None).
+        self.url_resolver = url_resolver
         self.registry = registry or prom.CollectorRegistry()
         self.metrics = metrics.Metrics(
             self.registry, max_subscriptions=settings.metrics_max_subscriptions, version=__version__
@@ -91,7 +95,9 @@ class Dispatcher:
         self.readiness = probes.Readiness(repo.ping)
         signers = signing.SignerRegistry.load()
         management_api = admin_api.build(
-            management.Management(self.pool, repo),
+            management.Management(
+                self.pool, repo, check_url=ssrf.resolving_check(self.policy, self.url_resolver)
+            ),
             token=s.admin_token,
             policy=self.policy,
             signers=signers,
@@ -112,7 +118,9 @@ class Dispatcher:
         self.bound_port = _bound_port(runner)
         policy = self.policy
         resolver = ssrf.build_connector_resolver(policy)
-        session = sender.build_session(max_connections=s.max_in_flight, resolver=resolver)
+        session = sender.build_session(
+            max_connections=s.max_in_flight, resolver=resolver, tls=sender.tls_context()
+        )
         http_sender = sender.Sender(
             session,
             signers,

@@ -65,6 +65,9 @@ def decide(
         return model.DeliveryState.PARKED, None, result.error
     if verdict is model.Verdict.BLOCKED:
         return model.DeliveryState.DEAD, None, result.error
+    if verdict is model.Verdict.UNSENDABLE:
+        # No retry can fix it until someone changes the configuration.
+        return model.DeliveryState.PARKED, None, result.error
     decision = backoff.decide(
         attempt=attempt,
         age_seconds=age_seconds,
@@ -377,6 +380,15 @@ class Claimer:
             children.retries_scheduled.inc()
         if result.verdict is model.Verdict.BLOCKED:
             self._metrics.ssrf_blocked.inc()
+        elif result.verdict is model.Verdict.UNSENDABLE:
+            # Parked until the configuration changes; the attempt line below says so too, this
+            # one is for the operator's alerting on log events.
+            self._log.warning(
+                "delivery_unsendable",
+                delivery_id=job.delivery_id,
+                subscription=job.subscription_id,
+                reason=result.error,
+            )
         self._log.info(
             "attempt",
             event_id=job.event_id,

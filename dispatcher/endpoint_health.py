@@ -49,6 +49,7 @@ SICK_OUTCOMES = frozenset(
         model.Outcome.HTTP_429,
         model.Outcome.TIMEOUT,
         model.Outcome.CONNECT_ERROR,
+        model.Outcome.TLS_ERROR,
         model.Outcome.OTHER,
     }
 )
@@ -149,13 +150,19 @@ class Monitor:
     # -- fed by the claimer (no I/O) -------------------------------------------------------
 
     def observe(self, job: model.Job, result: model.AttemptResult) -> None:
-        if result.verdict in (model.Verdict.BLOCKED, model.Verdict.GONE):
-            return  # configuration (SSRF guard) and 410 (see gone()) are not health signals
         ok = result.verdict is model.Verdict.DELIVERED
         probe_of = self._probes.pop(job.delivery_id, None)
         if probe_of is not None:
             self._probe_results.append(ProbeResult(probe_of, ok, None if ok else result.error))
             self._kick.set()
+        if result.verdict in (
+            model.Verdict.BLOCKED,
+            model.Verdict.GONE,
+            model.Verdict.UNSENDABLE,
+        ):
+            # Configuration (SSRF guard, unsendable) and 410 (see gone()) are not health
+            # signals; a probe's answer above still counts, so a paused probe is not stranded.
+            return
         now = self._clock()
         sub = self._subs.setdefault(job.subscription_id, _Sub())
         if probe_of is not None and ok:

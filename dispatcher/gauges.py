@@ -41,6 +41,9 @@ class Folded:
     depth: dict[tuple[str, str], int]  # (label, state) → deliveries
     oldest_age_seconds: dict[str, float]
     up: dict[str, int]
+    # (label, host, description) of every subscription that has a label of its own.
+    info: frozenset[tuple[str, str, str]] = frozenset()
+    paused: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def fold(snapshot: db_gauges.Snapshot, label: Callable[[str], str]) -> Folded:
@@ -50,12 +53,17 @@ def fold(snapshot: db_gauges.Snapshot, label: Callable[[str], str]) -> Folded:
     oldest: dict[str, float] = {}
     up: dict[str, int] = {}
     labels: dict[str, str] = {}
+    info: set[tuple[str, str, str]] = set()
+    paused: dict[str, int] = {}
     for sub in snapshot.subscriptions:
         name = labels[sub.id] = label(sub.id)
+        if name != metrics.OTHER:
+            info.add((name, sub.host, sub.description[: metrics.INFO_DESCRIPTION_CHARS]))
         for state in metrics.QUEUE_STATES:
             depth.setdefault((name, state), 0)
         oldest[name] = max(oldest.get(name, 0.0), sub.oldest_age_seconds or 0.0)
         up[name] = min(up.get(name, 1), int(sub.enabled))
+        paused[name] = max(paused.get(name, 0), int(sub.paused))
     for (sub_id, state), n in snapshot.depth.items():
         if state not in metrics.QUEUE_STATES:
             continue
@@ -63,7 +71,9 @@ def fold(snapshot: db_gauges.Snapshot, label: Callable[[str], str]) -> Folded:
         folded_name = labels.get(sub_id)
         if folded_name is not None:
             depth[(folded_name, state)] += n
-    return Folded(depth=depth, oldest_age_seconds=oldest, up=up)
+    return Folded(
+        depth=depth, oldest_age_seconds=oldest, up=up, info=frozenset(info), paused=paused
+    )
 
 
 def needs_compaction(snapshot: db_gauges.Snapshot) -> bool:
@@ -113,6 +123,15 @@ class GaugeLoop:
         )
         self._replace(
             m.subscription_up, "subscription_up", (((name,), v) for name, v in folded.up.items())
+        )
+        # Every subscription, 0 or 1, so "disabled, not paused" can be told apart in PromQL.
+        self._replace(
+            m.subscription_paused,
+            "subscription_paused",
+            (((name,), v) for name, v in folded.paused.items()),
+        )
+        self._replace(
+            m.subscription_info, "subscription_info", ((labels, 1.0) for labels in folded.info)
         )
         for name in folded.up:
             # Counters exist at 0 before their first increment: otherwise increase() misses a

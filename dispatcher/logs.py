@@ -51,7 +51,11 @@ def configure(*, level: str = "info", fmt: str = "auto", stream: TextIO | None =
         # orjson: the canonical per-attempt line is on the hot path (json.dumps is ~10x slower).
         renderer = structlog.processors.JSONRenderer(serializer=_orjson_dumps)
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=out.isatty())
+        # Plain tracebacks: the rich formatter prints local variables, which can hold signed
+        # headers or a subscription's secret.
+        renderer = structlog.dev.ConsoleRenderer(
+            colors=out.isatty(), exception_formatter=structlog.dev.plain_traceback
+        )
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
         raise ValueError(f"unknown log level {level!r}")

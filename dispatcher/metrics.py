@@ -14,6 +14,8 @@ import prometheus_client as prom
 from dispatcher import model
 
 OTHER = "other"
+# Longest description carried as a label of dispatcher_subscription_info.
+INFO_DESCRIPTION_CHARS = 64
 # Webhook attempts: a few ms on a LAN up to the full request timeout.
 ATTEMPT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 30.0)
 # End to end: includes queueing and retries, so it runs out to hours.
@@ -69,6 +71,9 @@ class Metrics:
     ) -> None:
         self.registry = registry
         self.label = SubscriptionLabels(max_subscriptions)
+        # No `_created` series: a fifth of the scrape, and nothing here reads it. The switch
+        # is process-wide in prometheus_client; every registry here wants it off.
+        prom.disable_created_metrics()  # type: ignore[no-untyped-call]
         sub = ["subscription"]
         self.attempts = prom.Counter(
             "dispatcher_attempts_total",
@@ -177,6 +182,12 @@ class Metrics:
             "dispatcher_subscription_health_events_total",
             "Circuit-breaker and auto-disable actions taken by this process.",
             ["event"],
+            registry=registry,
+        )
+        self.subscription_info = prom.Gauge(
+            "dispatcher_subscription_info",
+            "1 per subscription label: its URL's host and description, for legends.",
+            [*sub, "host", "description"],
             registry=registry,
         )
         self.subscription_paused = prom.Gauge(

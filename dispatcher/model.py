@@ -58,6 +58,10 @@ class Verdict(enum.Enum):
     PERMANENT = "permanent"  # other 4xx, 3xx: retried a few times, then dead
     GONE = "gone"  # 410: disable the subscription, park its work
     BLOCKED = "blocked"  # SSRF guard refused the destination: dead at once
+    # The request cannot be built from the subscription as stored (a secret sealed under a key
+    # this process lacks, a header value HTTP refuses, a signer that fails): parked, not retried,
+    # because no retry can fix it until someone changes the configuration.
+    UNSENDABLE = "unsendable"
 
 
 class Outcome(enum.StrEnum):
@@ -69,7 +73,9 @@ class Outcome(enum.StrEnum):
     HTTP_429 = "http_429"
     TIMEOUT = "timeout"
     CONNECT_ERROR = "connect_error"
+    TLS_ERROR = "tls_error"
     BLOCKED = "blocked"
+    CONFIG_ERROR = "config_error"
     OTHER = "other"
 
 
@@ -105,6 +111,9 @@ class Job:
     manual: bool = False
     # The subscription's overrides of the configured retry policy (field name → value).
     retry_policy: Mapping[str, float] | None = None
+    # Why this row cannot be sent as stored (found while loading it, e.g. a secret sealed under
+    # a key this process does not hold); the sender then parks it without a request.
+    problem: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

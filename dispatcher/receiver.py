@@ -20,6 +20,7 @@ import base64
 import binascii
 import collections
 import dataclasses
+import enum
 import hashlib
 import hmac
 import json
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from aiohttp import typedefs
 
 __all__ = [
+    "Claim",
     "IdempotencyStore",
     "InvalidSignatureError",
     "MemoryIdempotencyStore",
@@ -64,8 +66,14 @@ HEADER_ID: Final = "webhook-id"
 HEADER_TIMESTAMP: Final = "webhook-timestamp"
 HEADER_SIGNATURE: Final = "webhook-signature"
 
-# Unix seconds: plain ASCII digits, short enough that int() stays cheap on hostile input.
-_TIMESTAMP_RE: Final = re.compile(r"[0-9]{1,12}")
+# Unix seconds as the sender writes them: ASCII digits without leading zeros, short enough
+# that int() stays cheap on hostile input. The signature covers these exact bytes.
+_TIMESTAMP_RE: Final = re.compile(r"0|[1-9][0-9]{0,11}")
+# The body HMAC as the sender writes it: lower-case hex of SHA-256, nothing around it.
+_BODY_HEX_RE: Final = re.compile(r"[0-9a-f]{64}")
+# How long a receiver process may hold a webhook-id "in progress" in the Postgres store before
+# another process may take it over (the first one is presumed dead).
+DEFAULT_PROCESSING_SECONDS: Final = 300.0
 _TABLE_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62})?")
 
 
@@ -152,7 +160,8 @@ def _verify_standard_keys(
     offered = _standard_signatures(signature_header)
     if not offered:
         raise InvalidSignatureError("webhook-signature holds no v1 signature")
-    prefix = f"{msg_id}.{timestamp}.".encode()
+    # Exactly the bytes the sender signed: the header as received, not a re-rendered number.
+    prefix = f"{msg_id}.{raw_timestamp}.".encode()
     for key in keys:
         mac = hmac.new(key, prefix, hashlib.sha256)
         mac.update(body)
@@ -187,10 +196,11 @@ def _verify_body_hmac_keys(keys: Sequence[bytes], header_value: str | None, body
         raise MissingHeaderError("missing body signature header")
     if not header_value.startswith(BODY_HMAC_PREFIX):
         raise InvalidSignatureError("body signature must start with sha256=")
-    try:
-        offered = bytes.fromhex(header_value[len(BODY_HMAC_PREFIX) :])
-    except ValueError:
-        raise InvalidSignatureError("body signature is not hex") from None
+    digits = header_value[len(BODY_HMAC_PREFIX) :]
+    if not _BODY_HEX_RE.fullmatch(digits):
+        # bytes.fromhex would also take upper case and spaces: not what was signed.
+        raise InvalidSignatureError("body signature is not 64 lower-case hex digits")
+    offered = bytes.fromhex(digits)
     matches = [
         hmac.compare_digest(hmac.new(key, body, hashlib.sha256).digest(), offered) for key in keys
     ]
@@ -217,7 +227,11 @@ class Verified:
 class Verifier:
     """Verification settings for one endpoint: secret(s), optional body-HMAC header, clock.
 
-    Keys are derived once; a malformed ``whsec_`` secret fails here, not per request."""
+    Keys are derived once; a malformed ``whsec_`` secret fails here, not per request. The
+    sender's rule applies: ``whsec_`` secrets check the Standard Webhooks signature, and
+    every secret checks the body-HMAC header when one is named. A plain secret therefore
+    needs ``signature_header`` (it signs nothing else); ``webhook-id`` and a fresh
+    ``webhook-timestamp`` are required either way."""
 
     __slots__ = ("_body_keys", "_clock", "_standard_keys", "signature_header", "tolerance_seconds")
 
@@ -230,31 +244,53 @@ class Verifier:
         clock: Callable[[], float] = time.time,
     ) -> None:
         items = _secret_list(secrets)
-        self._standard_keys = tuple(signing.secret_key_bytes(s) for s in items)
+        self._standard_keys = tuple(
+            signing.secret_key_bytes(s) for s in items if signing.is_standard_secret(s)
+        )
         self._body_keys = tuple(s.encode() for s in items)
         self.signature_header = signature_header or None
+        if self.signature_header is None:
+            for s in items:
+                signing.check_secret_scheme(s, None)
         self.tolerance_seconds = tolerance_seconds
         self._clock = clock
 
     def __repr__(self) -> str:
         return (
-            f"Verifier(secrets=*** x{len(self._standard_keys)}, "
+            f"Verifier(secrets=*** x{len(self._body_keys)}, "
             f"signature_header={self.signature_header!r})"
         )
 
     def verify(self, headers: Mapping[str, str], body: bytes) -> Verified:
         """Check Standard Webhooks and, when configured, the body-HMAC header too."""
-        msg_id, timestamp = _verify_standard_keys(
-            self._standard_keys, headers, body, self.tolerance_seconds, self._clock()
-        )
+        if self._standard_keys:
+            msg_id, timestamp = _verify_standard_keys(
+                self._standard_keys, headers, body, self.tolerance_seconds, self._clock()
+            )
+        else:  # plain secrets only: the body HMAC below is the signature
+            msg_id = _required(headers, HEADER_ID)
+            raw = _required(headers, HEADER_TIMESTAMP)
+            timestamp = _check_timestamp(raw, self.tolerance_seconds, self._clock())
         if self.signature_header is not None:
             value = _header(headers, self.signature_header)
             _verify_body_hmac_keys(self._body_keys, value, body)
         return Verified(msg_id, timestamp, body_hmac=self.signature_header is not None)
 
 
+class Claim(enum.Enum):
+    """What ``begin`` found for a webhook id."""
+
+    NEW = "new"  # not seen (or its holder's lease ran out): process it now
+    IN_PROGRESS = "in_progress"  # another request, here or in another process, has it
+    DONE = "done"  # processed before: a duplicate
+
+
 class IdempotencyStore(Protocol):
-    """Remembers which webhook ids were already accepted."""
+    """Remembers which webhook ids were already accepted.
+
+    A store may also offer ``begin(webhook_id) -> Claim`` and ``finish(webhook_id)``; then
+    ``webhook_handler`` lets the store decide what is in progress (across processes, for a
+    shared store) instead of keeping that per process."""
 
     async def seen_or_remember(self, webhook_id: str) -> bool:
         """True when ``webhook_id`` was seen before; otherwise remember it and return False."""
@@ -285,6 +321,7 @@ class MemoryIdempotencyStore:
         self.ttl_seconds = ttl_seconds
         self._clock = clock
         self._expires: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self._running: set[str] = set()
 
     def __len__(self) -> int:
         return len(self._expires)
@@ -299,6 +336,17 @@ class MemoryIdempotencyStore:
                 return
             del self._expires[oldest]
 
+    async def begin(self, webhook_id: str) -> Claim:
+        if webhook_id in self._running:
+            return Claim.IN_PROGRESS
+        if await self.seen_or_remember(webhook_id):
+            return Claim.DONE
+        self._running.add(webhook_id)
+        return Claim.NEW
+
+    async def finish(self, webhook_id: str) -> None:
+        self._running.discard(webhook_id)
+
     async def seen_or_remember(self, webhook_id: str) -> bool:
         now = self._clock()
         self._evict_expired(now)
@@ -311,24 +359,73 @@ class MemoryIdempotencyStore:
 
     async def forget(self, webhook_id: str) -> None:
         self._expires.pop(webhook_id, None)
+        self._running.discard(webhook_id)
 
 
 class PostgresIdempotencyStore:
     """Durable store in one table, so a restarted (or second) receiver still de-duplicates.
 
-    ``pool`` is an ``asyncpg.Pool`` (or anything with ``execute``/``fetchval``)."""
+    The database decides what is in progress: ``begin`` inserts the id with a lease
+    (``processing_until``), ``finish`` marks it done, ``forget`` drops it. A duplicate that
+    arrives at any process while the lease runs is told "in progress"; a lease that ran out
+    (its process died) is taken over. ``pool`` is an ``asyncpg.Pool``."""
 
-    def __init__(self, pool: asyncpg.Pool, table: str = "webhook_receipts") -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        table: str = "webhook_receipts",
+        *,
+        processing_seconds: float = DEFAULT_PROCESSING_SECONDS,
+    ) -> None:
         if not _TABLE_RE.fullmatch(table):
             raise ValueError("table must be a plain identifier, optionally schema-qualified")
+        if processing_seconds <= 0:
+            raise ValueError("processing_seconds must be > 0")
         self._pool = pool
         self.table = table
+        self.processing_seconds = processing_seconds
 
     async def ensure_table(self) -> None:
+        # completed_at defaults to now() so rows written by an older version (which only
+        # remembered finished ids) read as done; begin() inserts NULL explicitly.
         await self._pool.execute(
             f"CREATE TABLE IF NOT EXISTS {self.table} ("
             " webhook_id text PRIMARY KEY,"
             " received_at timestamptz NOT NULL DEFAULT now())"
+        )
+        await self._pool.execute(
+            f"ALTER TABLE {self.table}"
+            " ADD COLUMN IF NOT EXISTS processing_until timestamptz,"
+            " ADD COLUMN IF NOT EXISTS completed_at timestamptz DEFAULT now()"
+        )
+
+    async def begin(self, webhook_id: str) -> Claim:
+        # One statement: the primary key and the row lock of ON CONFLICT DO UPDATE make
+        # exactly one of any number of concurrent requests (in any process) get NEW. The
+        # update only takes over an unfinished id whose lease ran out.
+        row = await self._pool.fetchrow(
+            f"INSERT INTO {self.table} AS r (webhook_id, processing_until, completed_at)"
+            " VALUES ($1, now() + make_interval(secs => $2), NULL)"
+            " ON CONFLICT (webhook_id) DO UPDATE"
+            " SET processing_until = EXCLUDED.processing_until, received_at = now()"
+            " WHERE r.completed_at IS NULL AND r.processing_until < now()"
+            " RETURNING true AS claimed",
+            webhook_id,
+            float(self.processing_seconds),
+        )
+        if row is not None:
+            return Claim.NEW
+        # Plain read of the row the insert conflicted with.
+        done = await self._pool.fetchval(
+            f"SELECT completed_at IS NOT NULL FROM {self.table} WHERE webhook_id = $1",
+            webhook_id,
+        )
+        # Gone meanwhile (forgotten after a failure): in progress is the retryable answer.
+        return Claim.DONE if done else Claim.IN_PROGRESS
+
+    async def finish(self, webhook_id: str) -> None:
+        await self._pool.execute(
+            f"UPDATE {self.table} SET completed_at = now() WHERE webhook_id = $1", webhook_id
         )
 
     async def seen_or_remember(self, webhook_id: str) -> bool:
@@ -369,6 +466,17 @@ def webhook_handler(
     duplicate as delivered, and it does not count toward a 4xx limit), 500 when ``process``
     raises — the id is forgotten then, so the sender's retry is processed."""
     in_progress: set[str] = set()
+    begin: Callable[[str], Awaitable[Claim]] | None = getattr(store, "begin", None)
+    finish: Callable[[str], Awaitable[None]] | None = getattr(store, "finish", None)
+
+    async def claim(webhook_id: str) -> Claim:
+        if begin is not None:
+            return await begin(webhook_id)
+        # A store with only seen_or_remember: "in progress" is known to this process only.
+        if await store.seen_or_remember(webhook_id):
+            return Claim.IN_PROGRESS if webhook_id in in_progress else Claim.DONE
+        in_progress.add(webhook_id)
+        return Claim.NEW
 
     async def handle(request: web.Request) -> web.StreamResponse:
         body = await request.read()
@@ -385,15 +493,17 @@ def webhook_handler(
             return _error(400, "malformed_json", "body is not a JSON object")
 
         webhook_id = verified.webhook_id
-        if await store.seen_or_remember(webhook_id):
-            if webhook_id in in_progress:
-                return web.json_response(
-                    {"status": "in_progress"}, status=503, headers={"Retry-After": "1"}
-                )
+        state = await claim(webhook_id)
+        if state is Claim.IN_PROGRESS:
+            return web.json_response(
+                {"status": "in_progress"}, status=503, headers={"Retry-After": "1"}
+            )
+        if state is Claim.DONE:
             return web.json_response({"status": "duplicate"})
-        in_progress.add(webhook_id)
         try:
             await process(payload, request.headers)
+            if finish is not None:
+                await finish(webhook_id)
         except BaseException as exc:
             await store.forget(webhook_id)
             if not isinstance(exc, Exception):

@@ -41,8 +41,11 @@ def _aad(key_id: str) -> bytes:
 
 
 def _decode_key(key_id: str, text: str) -> bytes:
+    # Standard or URL-safe alphabet, padding optional; validate=True refuses any other
+    # character instead of silently dropping it (which would make a different key).
+    stripped = text.strip()
     try:
-        raw = base64.b64decode(text.strip() + "=" * (-len(text.strip()) % 4), altchars=b"-_")
+        raw = base64.b64decode(stripped + "=" * (-len(stripped) % 4), altchars=b"-_", validate=True)
     except (binascii.Error, ValueError):
         raise SecretBoxError(f"key {key_id!r} is not valid base64") from None
     if len(raw) != KEY_BYTES:

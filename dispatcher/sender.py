@@ -6,14 +6,50 @@ raises for an HTTP outcome; every attempt ends as a ``model.AttemptResult``.
 
 from __future__ import annotations
 
+import re
+import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import aiohttp
 
 from dispatcher import backoff, model, signing
 
 USER_AGENT = "dispatcher-webhooks/0.1"
+# What HTTP/1.1 allows in a field name (a token) and value (visible ASCII, space, tab and
+# obs-text); aiohttp refuses the rest when the request is written.
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_HEADER_VALUE = re.compile(r"[\t\x20-\x7e\x80-\U0010ffff]*")
+
+
+class UnsendableError(Exception):
+    """This subscription's request cannot be built; the message names why, never a value."""
+
+
+def header_problem(name: str, value: str) -> str | None:
+    """Why HTTP would refuse this header, or None. Names the header, never its value."""
+    # fullmatch: "$" would let a trailing newline through.
+    if not _HEADER_NAME.fullmatch(name):
+        return f"header name {name[:64]!r} is not an HTTP token"
+    if not _HEADER_VALUE.fullmatch(value):
+        return f"header {name!r} has a control character in its value"
+    return None
+
+
+def _check_headers(headers: Mapping[str, str]) -> None:
+    """``UnsendableError`` naming the first header HTTP would refuse (custom or signed: an
+    event id with a control character ends up in ``webhook-id``). Valid strings concatenate
+    to a valid string, so the common case is two regex passes, not two per header."""
+    if (
+        "" not in headers
+        and _HEADER_NAME.fullmatch("".join(headers))
+        and _HEADER_VALUE.fullmatch("".join(headers.values()))
+    ):
+        return
+    for name, value in headers.items():
+        problem = header_problem(name, value)
+        if problem is not None:
+            raise UnsendableError(problem)
 
 
 class Sender:
@@ -53,6 +89,8 @@ class Sender:
         self._signers: dict[tuple[str | None, tuple[str, ...]], tuple[signing.Signer, ...]] = {}
 
     def build_headers(self, job: model.Job, timestamp: int) -> dict[str, str]:
+        """The request's headers; ``UnsendableError`` when the subscription cannot produce them
+        (a refused header, an unusable secret, a signer that fails)."""
         headers = (
             {k: v for k, v in job.headers.items() if k.lower() not in model.RESERVED_HEADERS}
             if job.headers
@@ -64,7 +102,10 @@ class Sender:
         signers = self._signers.get(key)
         if signers is None:
             # Unknown names raise SigningError here, every time (nothing cached for them).
-            signers = self._registry.for_subscription(job.signature_header, job.signers)
+            try:
+                signers = self._registry.for_subscription(job.signature_header, job.signers)
+            except signing.SigningError as exc:
+                raise UnsendableError(f"signing: {exc}") from None
             self._signers[key] = signers
         item = signing.SigningInput(
             msg_id=job.event_id,
@@ -73,12 +114,26 @@ class Sender:
             secrets=job.secrets,
             header_name=job.signature_header,
         )
-        headers.update(signing.sign(signers, item))
+        for signer in signers:
+            try:
+                signed = signer.headers(item)
+            except signing.SigningError as exc:
+                raise UnsendableError(f"signing: {exc}") from None
+            except Exception as exc:
+                # A plug-in's own error text may quote what it was given (the secret): only
+                # its type is kept.
+                raise UnsendableError(
+                    f"signer {signer.name!r} raised {type(exc).__name__}"
+                ) from None
+            headers.update(signed)
+        _check_headers(headers)
         return headers
 
     async def send(self, job: model.Job) -> model.AttemptResult:
         started = time.monotonic()
         try:
+            if job.problem is not None:
+                raise UnsendableError(job.problem)
             if self._guard is not None:
                 self._guard(job.url)
             headers = self.build_headers(job, int(self._clock()))
@@ -89,6 +144,10 @@ class Sender:
             return self._failure(model.Outcome.TIMEOUT, "request deadline exceeded", started)
         except aiohttp.ServerTimeoutError as exc:
             return self._failure(model.Outcome.TIMEOUT, _describe(exc), started)
+        except (aiohttp.ClientSSLError, aiohttp.ServerFingerprintMismatch) as exc:
+            # Before ClientConnectorError (its parent): a certificate that fails verification
+            # (wrong host, expired, unknown CA) is its own outcome, retried like a connect error.
+            return self._failure(model.Outcome.TLS_ERROR, _describe_tls(exc), started)
         except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
             if self._is_blocked(exc):
                 return self._blocked(exc, started)
@@ -97,12 +156,12 @@ class Sender:
             if self._is_blocked(exc):
                 return self._blocked(exc, started)
             return self._failure(model.Outcome.OTHER, _describe(exc), started)
-        except signing.SigningError as exc:
+        except UnsendableError as exc:
             return model.AttemptResult(
-                verdict=model.Verdict.PERMANENT,
-                outcome=model.Outcome.OTHER,
+                verdict=model.Verdict.UNSENDABLE,
+                outcome=model.Outcome.CONFIG_ERROR,
                 status=None,
-                error=f"signing: {exc}",
+                error=f"cannot send: {exc}",
                 duration_seconds=time.monotonic() - started,
             )
         except Exception as exc:
@@ -208,9 +267,25 @@ def classify_response(
     )
 
 
+def _describe_tls(exc: BaseException) -> str:
+    """The verification failure in OpenSSL's words (wrong host, expired, unknown CA...)."""
+    cert_error = getattr(exc, "certificate_error", None)
+    reason = getattr(cert_error, "verify_message", None)
+    if reason:
+        return f"TLS certificate verify failed: {reason}"[:500]
+    return "TLS: " + _describe(exc)
+
+
 def _describe(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return f"{type(exc).__name__}: {text}"[:500]
+
+
+def tls_context() -> ssl.SSLContext:
+    """Verifies the chain and the host name. Trust comes from OpenSSL's defaults, which honour
+    ``SSL_CERT_FILE`` and ``SSL_CERT_DIR``: that is how a private CA is trusted. Built when the
+    dispatcher starts (aiohttp's own default context is made at import time, before them)."""
+    return ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
 
 
 def build_session(
@@ -218,14 +293,19 @@ def build_session(
     max_connections: int,
     keepalive_seconds: float = 30.0,
     resolver: aiohttp.abc.AbstractResolver | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> aiohttp.ClientSession:
-    """The one shared client: keep-alive pool, no env proxies, no automatic decompression."""
+    """The one shared client: keep-alive pool, no env proxies, no automatic decompression.
+
+    The connector connects only to addresses ``resolver`` returned (the SSRF guard pins them);
+    TLS still sends the URL's host as SNI and verifies the certificate against it."""
     connector = aiohttp.TCPConnector(
         limit=max_connections,
         limit_per_host=0,
         keepalive_timeout=keepalive_seconds,
         ttl_dns_cache=30,
         resolver=resolver,
+        ssl=tls if tls is not None else tls_context(),
     )
     return aiohttp.ClientSession(
         connector=connector,

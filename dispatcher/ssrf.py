@@ -36,11 +36,12 @@ or the environment, or log: callers decide how a block is reported and classifie
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import ipaddress
 import socket
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 import aiohttp.abc
 import aiohttp.resolver
@@ -239,8 +240,9 @@ def parse_ip_literal(host: str) -> IPAddress | None:
 
     Accepts what a C resolver would turn into an address without DNS, because that is what
     getaddrinfo does with such a host: inet_aton forms (``2130706433``, ``0x7f000001``,
-    ``0177.0.0.1``, ``127.1``, ``0x7f.1``), bracketed IPv6, zone ids, percent-encoding and one
-    trailing dot. Erring towards "this is an address" is safe: the address is then judged.
+    ``0177.0.0.1``, ``127.1``, ``0x7f.1``), bracketed IPv6, zone ids, percent-encoding and
+    trailing dots (any number: ``127.0.0.2..`` is judged as 127.0.0.2, not left to the HTTP
+    library). Erring towards "this is an address" is safe: the address is then judged.
     """
     text = urllib.parse.unquote(host).strip().lower()
     if text.startswith("[") and text.endswith("]"):
@@ -258,9 +260,7 @@ def parse_ip_literal(host: str) -> IPAddress | None:
             except ValueError:
                 return ipv6
         return ipv6
-    if text.endswith("."):
-        text = text[:-1]
-    return _parse_inet_aton(text)
+    return _parse_inet_aton(text.rstrip("."))
 
 
 def _parse_inet_aton(text: str) -> ipaddress.IPv4Address | None:
@@ -314,6 +314,10 @@ def _check_host(host: str, policy: AddressPolicy) -> None:
         reason = policy.block_reason(ip)
         if reason is not None:
             raise BlockedAddressError(host, str(ip), reason)
+    elif ".." in host or host.startswith("."):
+        # An empty label is no DNS name; what a resolver or the HTTP library would make of it
+        # is not this guard's to guess.
+        raise BlockedAddressError(host, None, "malformed host name (empty label)")
     elif _is_localhost_name(host) and not any(
         # Blocked unless the allow-list covers what the name means.
         policy.is_allowed(address)
@@ -371,6 +375,34 @@ async def check_url_resolved(
     await GuardedResolver(policy, resolver).resolve(host, port, socket.AF_UNSPEC)
 
 
+# Resolving a new URL's host is early feedback, not the defence (the connector judges every
+# connection): a lookup that hangs or fails lets the URL through rather than blocking a create.
+RESOLVE_TIMEOUT_SECONDS = 5.0
+
+
+def resolving_check(
+    policy: AddressPolicy, resolver: aiohttp.abc.AbstractResolver | None = None
+) -> Callable[[str], Awaitable[str | None]]:
+    """The management layer's URL check: why a URL's host is refused (every address it has is
+    blocked), or None. ``resolver`` is for tests; the system one otherwise."""
+
+    async def check(url: str) -> str | None:
+        inner = resolver or aiohttp.resolver.DefaultResolver()
+        try:
+            async with asyncio.timeout(RESOLVE_TIMEOUT_SECONDS):
+                await check_url_resolved(url, policy, inner)
+        except BlockedAddressError as exc:
+            return str(exc)
+        except (OSError, TimeoutError):
+            pass  # not resolvable now; every connection is judged again when it is made
+        finally:
+            if resolver is None:
+                await inner.close()
+        return None
+
+    return check
+
+
 def check_request_host(url: yarl.URL | str, policy: AddressPolicy) -> None:
     """Block a literal destination before a request; call it at every attempt.
 
@@ -379,6 +411,10 @@ def check_request_host(url: yarl.URL | str, policy: AddressPolicy) -> None:
     (except localhost, which is decided here without a lookup).
     """
     parsed = url if isinstance(url, yarl.URL) else yarl.URL(url)
+    if policy.https_only and parsed.scheme != "https":
+        # A row written before the setting (or behind the validation's back) must not go out
+        # in clear text either.
+        raise BlockedAddressError(parsed.raw_host or "", None, "only https URLs are allowed")
     if parsed.raw_host:
         _check_host(parsed.raw_host, policy)
 

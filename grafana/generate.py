@@ -74,10 +74,24 @@ def _series(title: str, *targets: Target, **options: Any) -> Panel:
     return Panel(title, "timeseries", targets, **options)
 
 
-SUCCESS_RATIO = (
-    f'sum(rate(dispatcher_attempts_total{{SUB,outcome="success"}}{RATE}))'
-    f" / sum(rate(dispatcher_attempts_total{{SUB}}{RATE}))"
+# Successes, with a 0 for every attempt series of another outcome: a subscription that never
+# succeeded then shows 0 % instead of vanishing (its success series does not exist).
+SUCCESSES = (
+    f'rate(dispatcher_attempts_total{{SUB,outcome="success"}}{RATE})'
+    f" or 0 * rate(dispatcher_attempts_total{{SUB}}{RATE})"
 )
+SUCCESS_RATIO = f"sum({SUCCESSES}) / sum(rate(dispatcher_attempts_total{{SUB}}{RATE}))"
+# Legends name a subscription by its URL's host and description (dispatcher_subscription_info)
+# with the id after them; a series without info (the folded "other") keeps its id alone.
+NAMED_LEGEND = "{{host}} {{description}} {{subscription}}"
+
+
+def _named(expr: str) -> str:
+    """``expr`` (one series per subscription) joined with the subscription's info labels."""
+    info = "max by (subscription, host, description) (dispatcher_subscription_info{SUB})"
+    joined = f"({expr}) * on (subscription) group_left (host, description) {info}"
+    return f"{joined} or on (subscription) ({expr})"
+
 
 PANELS: tuple[Panel, ...] = (
     # A row of headline numbers, then time series in pairs.
@@ -151,10 +165,11 @@ PANELS: tuple[Panel, ...] = (
     _series(
         "Success ratio by subscription",
         Target(
-            "sum by (subscription) ("
-            f'rate(dispatcher_attempts_total{{SUB,outcome="success"}}{RATE}))'
-            f" / sum by (subscription) (rate(dispatcher_attempts_total{{SUB}}{RATE}))",
-            "{{subscription}}",
+            _named(
+                f"sum by (subscription) ({SUCCESSES})"
+                f" / sum by (subscription) (rate(dispatcher_attempts_total{{SUB}}{RATE}))"
+            ),
+            NAMED_LEGEND,
         ),
         unit="percentunit",
         description="Share of attempts answered with a 2xx. Alerts below 50% over 10 minutes.",
@@ -167,22 +182,25 @@ PANELS: tuple[Panel, ...] = (
     _series(
         "Oldest pending age by subscription",
         Target(
-            "max by (subscription) (dispatcher_oldest_pending_age_seconds{SUB})",
-            "{{subscription}}",
+            _named("max by (subscription) (dispatcher_oldest_pending_age_seconds{SUB})"),
+            NAMED_LEGEND,
         ),
         unit="s",
         description="Age of the oldest undelivered delivery per subscription.",
     ),
     _series(
         "In flight by subscription",
-        Target("sum by (subscription) (dispatcher_in_flight{SUB})", "{{subscription}}"),
+        Target(_named("sum by (subscription) (dispatcher_in_flight{SUB})"), NAMED_LEGEND),
         description="Requests on the wire, against each subscription's max-in-flight cap.",
     ),
     _series(
         "Dead letters/s",
         Target(
-            f'sum by (subscription) (rate(dispatcher_deliveries_total{{SUB,result="dead"}}{RATE}))',
-            "{{subscription}}",
+            _named(
+                "sum by (subscription) "
+                f'(rate(dispatcher_deliveries_total{{SUB,result="dead"}}{RATE}))'
+            ),
+            NAMED_LEGEND,
         ),
         unit="ops",
         description="Deliveries dead-lettered per second. Any increase alerts.",
@@ -190,8 +208,10 @@ PANELS: tuple[Panel, ...] = (
     _series(
         "Retries scheduled/s",
         Target(
-            f"sum by (subscription) (rate(dispatcher_retries_scheduled_total{{SUB}}{RATE}))",
-            "{{subscription}}",
+            _named(
+                f"sum by (subscription) (rate(dispatcher_retries_scheduled_total{{SUB}}{RATE}))"
+            ),
+            NAMED_LEGEND,
         ),
         unit="ops",
         description="Failed attempts sent back to wait for their next backoff slot.",
@@ -207,7 +227,7 @@ PANELS: tuple[Panel, ...] = (
     ),
     _series(
         "Subscription state",
-        Target("max by (subscription) (dispatcher_subscription_up{SUB})", "{{subscription}}"),
+        Target(_named("max by (subscription) (dispatcher_subscription_up{SUB})"), NAMED_LEGEND),
         description="1 healthy, 0 paused or disabled.",
     ),
 )

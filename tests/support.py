@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -17,6 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import aiohttp.abc
 import orjson
 from aiohttp import web
 
@@ -99,7 +102,10 @@ class Receiver:
     ``respond(request_number, headers, body) -> (status, headers, delay_seconds)`` decides each
     answer; it defaults to 200. Concurrency is tracked so limits can be asserted."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, tls: ssl.SSLContext | None = None, host: str = "127.0.0.1") -> None:
+        # With ``tls`` it serves HTTPS on 127.0.0.1; ``host`` is the name the URL uses.
+        self._tls = tls
+        self.host = host
         self.requests: list[Received] = []
         self.concurrent = 0
         self.max_concurrent = 0
@@ -113,14 +119,15 @@ class Receiver:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hook"
+        scheme = "https" if self._tls is not None else "http"
+        return f"{scheme}://{self.host}:{self.port}/hook"
 
     async def start(self) -> Receiver:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self._tls)
         await site.start()
         self.port = self._runner.addresses[0][1]
         return self
@@ -182,6 +189,36 @@ def spawn_dispatcher(
         stdout=out,
         stderr=subprocess.STDOUT,
     )
+
+
+class StaticResolver(aiohttp.abc.AbstractResolver):
+    """DNS for made-up names (name → addresses); an unknown name fails like NXDOMAIN. The SSRF
+    guard wraps it and still judges every answer."""
+
+    def __init__(self, names: dict[str, list[str]]) -> None:
+        self.names = names
+        self.asked: list[str] = []
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[aiohttp.abc.ResolveResult]:
+        self.asked.append(host)
+        if host not in self.names:
+            raise OSError(f"unknown name {host}")
+        return [
+            {
+                "hostname": host,
+                "host": address,
+                "port": port,
+                "family": socket.AF_INET6 if ":" in address else socket.AF_INET,
+                "proto": 0,
+                "flags": socket.AI_NUMERICHOST,
+            }
+            for address in self.names[host]
+        ]
+
+    async def close(self) -> None:
+        return None
 
 
 @dataclasses.dataclass

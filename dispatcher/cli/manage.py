@@ -31,6 +31,7 @@ Operation = Callable[["management.Management"], Awaitable[Any]]
 
 def _execute(ctx: context.Context, operation: Operation) -> Any:
     """Run one management operation on a short-lived pool; map failures to CliError."""
+    from dispatcher import ssrf  # noqa: PLC0415
     from dispatcher.db import management, repository  # noqa: PLC0415
     from dispatcher.db import pool as db_pool  # noqa: PLC0415
 
@@ -40,11 +41,15 @@ def _execute(ctx: context.Context, operation: Operation) -> Any:
         )
         try:
             repo = repository.Repository(pool, box=box)
-            return await operation(management.Management(pool, repo))
+            # The host of a new or changed URL is resolved on the same path as /v1's.
+            return await operation(
+                management.Management(pool, repo, check_url=ssrf.resolving_check(policy))
+            )
         finally:
             await pool.close()
 
     box = ctx.secret_box()
+    policy = ctx.address_policy()
     with ctx.database() as dsn:
         try:
             return context.run(main(dsn))

@@ -272,7 +272,23 @@ TABLE: Final[tuple[Setting, ...]] = (
             "agent.https_only",
         ),
         parse_bool,
-        "refuse `http://` subscription URLs",
+        "refuse `http://` subscription URLs (and block clear-text rows at the attempt)",
+    ),
+    # Read by OpenSSL when the sender's TLS context is built at start, not parsed here.
+    S(
+        "SSL_CERT_FILE",
+        (),
+        parse_text,
+        "OpenSSL's own variable: a file of the CAs HTTPS receivers are verified against (a "
+        "private CA); see [HTTPS receivers](delivery.md#https-receivers)",
+        shown_default="(system store)",
+    ),
+    S(
+        "SSL_CERT_DIR",
+        (),
+        parse_text,
+        "OpenSSL's own variable: a directory of hashed CA certificates, as `SSL_CERT_FILE`",
+        shown_default="(system store)",
     ),
     S(
         "DISPATCHER_SECRET_KEYS",

@@ -9,6 +9,7 @@ under an advisory lock. What the numbers become (labels, folding, gauges) is
 from __future__ import annotations
 
 import dataclasses
+import urllib.parse
 from typing import Any
 
 from dispatcher import model
@@ -30,9 +31,10 @@ _SUBSCRIPTIONS_SQL = """
 -- No locks. A stable order (oldest first) so every replica labels the same subscriptions
 -- individually. Oldest age: one probe of webhook_deliveries_oldest (min() over a partial
 -- index becomes a LIMIT 1 scan), only for subscriptions whose counts say they have work.
-SELECT s.id::text AS id,
+SELECT s.id::text AS id, s.url, s.description,
        -- Up: enabled and not paused by the circuit breaker (sql/005_reliability.sql).
        s.enabled AND (s.paused_until IS NULL OR s.paused_until <= now()) AS up,
+       s.enabled AND s.paused_until > now() IS TRUE AS paused,
        CASE WHEN s.id = ANY($1::uuid[]) THEN
            extract(epoch FROM now() - (
                SELECT min(d.event_created_at) FROM webhook_deliveries d
@@ -73,6 +75,10 @@ class Subscription:
     enabled: bool  # and not paused
     # Seconds since the oldest undelivered delivery's event was written; None when idle.
     oldest_age_seconds: float | None = None
+    # What dispatcher_subscription_info shows a person: the URL's host and the description.
+    host: str = ""
+    description: str = ""
+    paused: bool = False  # by the circuit breaker (enabled, resumes by itself)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -96,7 +102,14 @@ async def read(conn: Any) -> Snapshot:
         if row["state"] in model.ACTIVE_STATES and row["n"] > 0:
             active.add(row["subscription_id"])
     subscriptions = tuple(
-        Subscription(r["id"], r["up"], r["oldest_age_seconds"])
+        Subscription(
+            r["id"],
+            r["up"],
+            r["oldest_age_seconds"],
+            host=urllib.parse.urlsplit(r["url"]).hostname or "",
+            description=r["description"],
+            paused=r["paused"],
+        )
         for r in await conn.fetch(_SUBSCRIPTIONS_SQL, sorted(active))
     )
     backlog = await conn.fetchrow(_BACKLOG_SQL, BACKLOG_EXACT_LIMIT + 1)

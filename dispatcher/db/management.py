@@ -13,18 +13,23 @@ meanwhile. The caller encodes the returned key as an opaque cursor.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import orjson
 
-from dispatcher import model
+from dispatcher import model, secretbox, signing, validation
 from dispatcher.db import outbox, repository
 
 TEST_EVENT_TYPE = "dispatcher.test"
+# Resolves a new or changed URL's host: the reason every address it has is blocked, or None.
+# Built at the composition root (``ssrf.resolving_check``) because the resolver is the HTTP
+# stack's, which this layer must not load.
+UrlCheck = Callable[[str], Awaitable[str | None]]
 # Deliveries a manual retry may requeue; in_flight is on the wire and parked waits for its
 # subscription to be enabled again.
 RETRYABLE_STATES = (
@@ -197,14 +202,38 @@ def event_dict(row: Any) -> dict[str, Any]:
 class Management:
     """Management operations over an asyncpg pool; ``repo`` supplies the shared statements."""
 
-    def __init__(self, pool: Any, repo: repository.Repository | None = None) -> None:
+    def __init__(
+        self,
+        pool: Any,
+        repo: repository.Repository | None = None,
+        *,
+        check_url: UrlCheck | None = None,
+    ) -> None:
         self.pool = pool
         self.repo = repo or repository.Repository(pool)
+        # Without one (tools and tests that only read) a URL is judged by its text alone.
+        self._check_url = check_url
+
+    async def _check_resolved(self, url: str) -> None:
+        if self._check_url is None:
+            return
+        reason = await self._check_url(url)
+        if reason is not None:
+            raise validation.ValidationError("blocked_url", "url", reason)
+
+    @staticmethod
+    def _check_scheme(secret: str, signature_header: str | None, field: str) -> None:
+        try:
+            signing.check_secret_scheme(secret, signature_header)
+        except signing.SigningError as exc:
+            raise validation.ValidationError("invalid_secret", field, str(exc)) from None
 
     # -- subscriptions ---------------------------------------------------------------------
 
     async def create_subscription(self, spec: Mapping[str, Any]) -> dict[str, Any]:
         """``spec`` is a validated create request; the result includes the secret."""
+        self._check_scheme(spec["secret"], spec.get("signature_header"), "secret")
+        await self._check_resolved(spec["url"])
         created = await self.repo.create_subscription(**spec)
         secret = created.pop("secret")
         return {**created, **NO_HEALTH, "secret": secret}
@@ -255,6 +284,17 @@ class Management:
         """Set the given columns in one statement (all or nothing)."""
         if not changes:
             return await self.get_subscription(subscription_id)
+        if "url" in changes:
+            await self._check_resolved(changes["url"])
+        if "signature_header" in changes and not changes["signature_header"]:
+            # Plain read: a plain secret cannot lose the only header it signs.
+            stored = await self.pool.fetchval(
+                "SELECT secret FROM webhook_subscriptions WHERE id = $1", subscription_id
+            )
+            # A secret this process cannot open is left to the sender (it parks, with reason).
+            if stored is not None:
+                with contextlib.suppress(secretbox.SecretBoxError):
+                    self._check_scheme(self.repo.box.open(stored), None, "signature_header")
         sets = []
         args: list[Any] = [subscription_id]
         for column, value in changes.items():
@@ -301,6 +341,12 @@ class Management:
     ) -> dict[str, Any]:
         """The current secret keeps signing (alongside the new one) for ``grace_seconds``.
         A rotation during a grace period drops the oldest secret."""
+        # Plain read: the new secret must fit the scheme the subscription signs with.
+        header = await self.pool.fetchrow(
+            "SELECT signature_header FROM webhook_subscriptions WHERE id = $1", subscription_id
+        )
+        if header is not None:
+            self._check_scheme(new_secret, header["signature_header"], "secret")
         # Row lock (UPDATE): a claim in progress finishes with the old pair first. The old
         # value moves over as stored (sealed or not).
         row = await self.pool.fetchrow(

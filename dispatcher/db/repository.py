@@ -183,12 +183,19 @@ SUBSCRIPTION_COLUMNS = """
 
 def _job(row: Any, box: secretbox.SecretBox) -> model.Job:
     # Stored secrets may be sealed (secretbox); the box caches what it opened, so a claim of
-    # many deliveries for one subscription decrypts once.
-    secrets = (
-        (box.open(row["secret"]),)
-        if row["previous_secret"] is None
-        else (box.open(row["secret"]), box.open(row["previous_secret"]))
-    )
+    # many deliveries for one subscription decrypts once. A secret this process cannot open
+    # (sealed under a key it does not hold) belongs to this row alone: the job carries the
+    # reason and the sender parks it, while the rest of the claim goes out.
+    problem: str | None = None
+    secrets: tuple[str, ...] = ()
+    try:
+        secrets = (
+            (box.open(row["secret"]),)
+            if row["previous_secret"] is None
+            else (box.open(row["secret"]), box.open(row["previous_secret"]))
+        )
+    except secretbox.SecretBoxError as exc:
+        problem = f"secret: {exc}"
     return model.Job(
         delivery_id=row["delivery_id"],
         lease_token=row["lease_token"],
@@ -206,6 +213,7 @@ def _job(row: Any, box: secretbox.SecretBox) -> model.Job:
         ordering_key=row["ordering_key"],
         manual=row["manual"],
         retry_policy=orjson.loads(row["retry_policy"]) if row["retry_policy"] else None,
+        problem=problem,
     )
 
 

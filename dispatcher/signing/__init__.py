@@ -51,26 +51,46 @@ def generate_secret() -> str:
     return SECRET_PREFIX + base64.b64encode(_secrets.token_bytes(SECRET_BYTES)).decode()
 
 
+def is_standard_secret(secret: str) -> bool:
+    """True for a Standard Webhooks secret (``whsec_…``), the only kind that signs that scheme."""
+    return secret.startswith(SECRET_PREFIX)
+
+
 def secret_key_bytes(secret: str) -> bytes:
     """The HMAC key a Standard Webhooks secret stands for (``whsec_<base64>`` → bytes).
 
-    A secret without the prefix is used as its UTF-8 bytes, so user-chosen plain secrets
-    (the body-HMAC style) still sign; receivers then verify with the same bytes."""
-    if secret.startswith(SECRET_PREFIX):
-        try:
-            return base64.b64decode(secret[len(SECRET_PREFIX) :], validate=True)
-        except ValueError as exc:
-            raise SigningError("secret has the whsec_ prefix but is not valid base64") from exc
-    return secret.encode()
+    Every public verifier (svix, standardwebhooks) strips ``whsec_`` and base64-decodes the
+    rest, so that is the only form this scheme accepts: anything else raises, instead of
+    signing with a key no library would derive."""
+    if not is_standard_secret(secret):
+        raise SigningError("a Standard Webhooks secret must look like whsec_<base64>")
+    try:
+        return base64.b64decode(secret[len(SECRET_PREFIX) :], validate=True)
+    except ValueError:
+        raise SigningError("secret has the whsec_ prefix but is not valid base64") from None
 
 
 def validate_secret(secret: str) -> None:
     """Reject secrets that would sign weakly or not at all."""
     if len(secret) < 16:
         raise SigningError("secret must be at least 16 characters")
-    key = secret_key_bytes(secret)
-    if len(key) < 16:
+    if is_standard_secret(secret) and len(secret_key_bytes(secret)) < 16:
         raise SigningError("secret key must be at least 16 bytes")
+
+
+def check_secret_scheme(secret: str, signature_header: str | None) -> None:
+    """One rule for what a secret signs, so the public libraries verify what is sent:
+
+    - a ``whsec_<base64>`` secret signs the Standard Webhooks headers (with the decoded key)
+      and, when a signature header is set, the body HMAC too (keyed with the whole string);
+    - any other secret signs only the body-HMAC header, so it needs a signature header.
+    """
+    if not is_standard_secret(secret) and not signature_header:
+        raise SigningError(
+            "a secret without the whsec_ prefix signs only the body-HMAC header: set a "
+            "signature header, or use a whsec_<base64> secret (or none, to have one "
+            "generated) for Standard Webhooks signatures"
+        )
 
 
 class SignerRegistry:

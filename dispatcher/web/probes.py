@@ -51,8 +51,10 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = prom.generate_latest(request.app[REGISTRY])
-    return web.Response(body=body, headers={"Content-Type": prom.CONTENT_TYPE_LATEST})
+    # OpenMetrics when the scraper asks for it (Prometheus does by default), else text 0.0.4.
+    encode, content_type = prom.exposition.choose_encoder(request.headers.get("Accept", ""))
+    body = encode(request.app[REGISTRY])
+    return web.Response(body=body, headers={"Content-Type": content_type})
 
 
 def build_app(

@@ -865,3 +865,64 @@ async def test_secrets_absent_from_pg_dump_and_logs(
         f"secret in pg_dump: {hits['pg_dump']}, in logs: {hits['logs']}; "
         f"reencrypt {orjson.loads(reenc.stdout)['resealed']} row(s) k1→k2, 40/40 delivered",
     )
+
+
+async def test_foreign_key_secret_parks_alone_and_nothing_is_lost(
+    pool: Any, dsn: str, chaos: ChaosReceiver, tmp_path: Path, procs: list[Any]
+) -> None:
+    """Mid-rotation: a subscription sealed under k2 reaches a replica that holds only k1. Its
+    deliveries park with the reason; the replica stays up and the other subscriptions deliver
+    with one attempt each. Once the replica holds k2, enabling re-queues the parked work."""
+    k1, k2 = secretbox.generate_key(), secretbox.generate_key()
+    old = secretbox.SecretBox.from_spec(f"k1:{k1}")
+    new = secretbox.SecretBox.from_spec(f"k2:{k2},k1:{k1}")
+    names: dict[str, str] = {}
+    for name, box in (("plain1", old), ("sealed", new), ("plain2", old)):
+        sub = await repository.Repository(pool, box=box).create_subscription(
+            url=chaos.url(name), event_types=["*"], secret=support.SECRET
+        )
+        names[str(sub["id"])] = name
+    sealed = next(k for k, v in names.items() if v == "sealed")
+    n = 100 if LONG else 30
+    await publish(pool, n)
+    proc, port, log = spawn(dsn, tmp_path, "k1only", **CHILD_ENV, DISPATCHER_SECRET_KEYS=f"k1:{k1}")
+    procs.append(proc)
+    await wait_state(pool, 2 * n, "delivered", timeout=30)
+    await wait_state(pool, n, "parked", timeout=30)
+    assert proc.poll() is None, log.read_text()[-2000:]
+    attempts = await pool.fetch(
+        "SELECT subscription_id::text AS sid, max(attempt) AS most, min(attempt) AS least "
+        "FROM webhook_deliveries GROUP BY 1"
+    )
+    assert {(r["sid"], r["most"], r["least"]) for r in attempts} == {(sid, 1, 1) for sid in names}
+    assert chaos.entries("sealed") == []
+    text = await scrape(port)
+    parked = oracle.metric_sum([text], "dispatcher_attempts_total", outcome="config_error")
+    assert parked == n
+    others = {k: v for k, v in names.items() if v != "sealed"}
+    v_others = await oracle.check(pool, chaos, others)
+    v_others.assert_sound()
+    # The rotation completes: the replica restarts with k2 first, the operator re-queues.
+    kill_all([proc])
+    proc2, _port, _log = spawn(
+        dsn, tmp_path, "k2k1", **CHILD_ENV, DISPATCHER_SECRET_KEYS=f"k2:{k2},k1:{k1}"
+    )
+    procs.append(proc2)
+    enable = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "dispatcher", "subscriptions", "enable", sealed],
+        env={**os.environ, "DATABASE_URL": dsn, "DISPATCHER_SECRET_KEYS": f"k2:{k2},k1:{k1}"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert enable.returncode == 0, enable.stderr
+    await wait_state(pool, 3 * n, "delivered", timeout=30)
+    v = await oracle.check(pool, chaos, names)
+    v.assert_sound()
+    record(
+        "foreign-key secret (sealed under a key the replica lacks)",
+        v,
+        f"{n} parked (config_error), replica up, other 2x{n} delivered with 1 attempt each; "
+        "re-queued after the key arrived: all delivered",
+    )

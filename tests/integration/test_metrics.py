@@ -295,3 +295,20 @@ async def test_backlog_above_the_exact_limit_is_the_unrouted_id_span(
         assert (await db_gauges.read(conn)).outbox_backlog == 10
         await conn.execute("UPDATE webhook_outbox SET routed_at = now() WHERE id < 9")
         assert (await db_gauges.read(conn)).outbox_backlog == 3  # below the cap: exact
+
+
+async def test_openmetrics_when_asked_and_no_created_series(start_dispatcher: Any) -> None:
+    running = await start_dispatcher()
+    url = f"http://127.0.0.1:{running.dispatcher.bound_port}/metrics"
+    accept = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
+    async with aiohttp.ClientSession() as session:
+        async with session.get(url, headers={"Accept": accept}) as resp:
+            open_type, open_body = resp.headers["Content-Type"], await resp.text()
+        async with session.get(url) as resp:
+            plain_type, plain_body = resp.headers["Content-Type"], await resp.text()
+    assert open_type.startswith("application/openmetrics-text; version=1.0.0")
+    assert open_body.endswith("# EOF\n")
+    assert plain_type.startswith("text/plain; version=0.0.4")
+    assert "dispatcher_attempts_total" in plain_body or "dispatcher_build_info" in plain_body
+    assert "_created" not in open_body
+    assert "_created" not in plain_body

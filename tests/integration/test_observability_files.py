@@ -43,6 +43,8 @@ SUBSCRIPTION_METRICS = {
     "dispatcher_oldest_pending_age_seconds",
     "dispatcher_in_flight",
     "dispatcher_subscription_up",
+    "dispatcher_subscription_paused",
+    "dispatcher_subscription_info",
     "dispatcher_retries_scheduled_total",
 }
 HISTOGRAMS = {"dispatcher_attempt_duration_seconds", "dispatcher_delivery_latency_seconds"}

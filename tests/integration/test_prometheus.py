@@ -258,8 +258,15 @@ async def test_every_dashboard_query_and_alert_expression_returns_data(
     repo = repository.Repository(pool)
     subs = {}
     for name, receiver in (("ok", ok), ("flaky", flaky), ("broken", broken)):
-        sub = await repo.create_subscription(url=receiver.url, event_types=["t.*"], secret=SECRET)
+        sub = await repo.create_subscription(
+            url=receiver.url, event_types=["t.*"], secret=SECRET, description=f"{name} hook"
+        )
         subs[name] = str(sub["id"])
+    # One whose request cannot be built (a header value HTTP refuses): parked, config_error.
+    unsendable = await repo.create_subscription(
+        url=ok.url, event_types=["t.*"], secret=SECRET, headers={"X-Tenant": "a\x0bb"}
+    )
+    subs["unsendable"] = str(unsendable["id"])
     # Circuit breaker off: the broken endpoint must keep failing through to dead letters.
     running = await start_dispatcher(
         gauge_interval_seconds=0.2,
@@ -336,6 +343,25 @@ async def test_every_dashboard_query_and_alert_expression_returns_data(
             next(r["expr"] for r in alerts if r["alert"] == "DispatcherDeadLettersIncreasing")
         )
         assert {s["metric"]["subscription"] for s in firing} == {subs["broken"]}
+
+        # Zero successes is 0 %, not a missing line; legends get the host and description.
+        by_subscription = next(
+            expr
+            for uid, title, expr in _load_generator().panel_queries(rate_interval="1m")
+            if uid == "dispatcher-overview" and title == "Success ratio by subscription"
+        )
+        ratios = {
+            r["metric"]["subscription"]: (r["metric"], float(r["value"][1]))
+            for r in await prometheus.series(by_subscription)
+        }
+        labels, broken_ratio = ratios[subs["broken"]]
+        assert broken_ratio == 0.0
+        assert labels["host"] == "127.0.0.1"
+        assert labels["description"] == "broken hook"
+        assert ratios[subs["ok"]][1] == 1.0
+        assert set(ratios) == set(subs.values())
+        # Prometheus asked for OpenMetrics and got it; no _created series were exposed.
+        assert not await prometheus.series('{__name__=~"dispatcher_.*_created"}')
 
         evaluated = {r["name"]: r for r in await prometheus.rules() if r["type"] == "alerting"}
         assert set(evaluated) == {r["alert"] for r in alerts}

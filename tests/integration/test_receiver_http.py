@@ -209,3 +209,162 @@ async def test_handler_answers_retryable_503_while_the_same_id_is_in_progress(
     assert (await first).status == 200
     resp = await client.post("/hook", data=signed.BODY, headers=headers)
     assert await resp.json() == {"status": "duplicate"}
+
+
+# --- handler boundaries and idempotency stores ---------------------------------------------
+
+
+def _handler_app(
+    process: Callable[[dict[str, Any], Mapping[str, str]], Awaitable[None]],
+) -> web.Application:
+    app = web.Application()
+    app.router.add_post(
+        "/hook",
+        receiver.webhook_handler(
+            receiver.Verifier(signed.NEW), receiver.MemoryIdempotencyStore(), process
+        ),
+    )
+    return app
+
+
+async def test_handler_processes_each_distinct_id(make_client: ClientFactory) -> None:
+    seen: list[str] = []
+
+    async def record(payload: dict[str, Any], headers: Mapping[str, str]) -> None:
+        seen.append(headers["webhook-id"])
+
+    client = await make_client(_handler_app(record))
+    for msg_id in ("msg_a", "msg_b", "msg_a"):
+        resp = await client.post(
+            "/hook", data=signed.BODY, headers=fresh(msg_id=msg_id, header_name=None)
+        )
+        assert resp.status == 200
+    assert seen == ["msg_a", "msg_b"]
+
+
+async def test_handler_failure_answers_500_with_a_problem_body(
+    make_client: ClientFactory,
+) -> None:
+    async def broken(payload: dict[str, Any], headers: Mapping[str, str]) -> None:
+        raise RuntimeError("secret detail that must not leak")
+
+    client = await make_client(_handler_app(broken))
+    resp = await client.post("/hook", data=signed.BODY, headers=fresh(header_name=None))
+    assert resp.status == 500
+    assert await resp.json() == {
+        "error": "processing_failed",
+        "detail": "the receiver could not process the event",
+    }
+
+
+async def test_handler_bodies_for_bad_input(make_client: ClientFactory) -> None:
+    async def never(payload: dict[str, Any], headers: Mapping[str, str]) -> None:
+        raise AssertionError("must not be called")
+
+    client = await make_client(_handler_app(never))
+    resp = await client.post(
+        "/hook", data=b"not json", headers=fresh(b"not json", header_name=None)
+    )
+    assert (resp.status, await resp.json()) == (
+        400,
+        {"error": "malformed_json", "detail": "body is not valid JSON"},
+    )
+    resp = await client.post("/hook", data=b"[1]", headers=fresh(b"[1]", header_name=None))
+    assert (resp.status, await resp.json()) == (
+        400,
+        {"error": "malformed_json", "detail": "body is not a JSON object"},
+    )
+    resp = await client.post(
+        "/hook", data=signed.BODY, headers={"content-type": "application/json"}
+    )
+    body = await resp.json()
+    assert (resp.status, body["error"]) == (401, "missing_header")
+    assert isinstance(body["detail"], str)
+    assert body["detail"]
+
+
+class _SharedStore:
+    """A store that another process also writes to: it says what is in progress there."""
+
+    def __init__(self, running_elsewhere: set[str]) -> None:
+        self.running_elsewhere = running_elsewhere
+        self.done: set[str] = set()
+
+    async def begin(self, webhook_id: str) -> receiver.Claim:
+        if webhook_id in self.running_elsewhere:
+            return receiver.Claim.IN_PROGRESS
+        return receiver.Claim.DONE if webhook_id in self.done else receiver.Claim.NEW
+
+    async def finish(self, webhook_id: str) -> None:
+        self.done.add(webhook_id)
+
+    async def seen_or_remember(self, webhook_id: str) -> bool:
+        raise AssertionError("a store with begin() is asked through begin()")
+
+    async def forget(self, webhook_id: str) -> None:
+        self.done.discard(webhook_id)
+
+
+class _OldStore:
+    """A custom store written against the older protocol: seen_or_remember and forget only."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+
+    async def seen_or_remember(self, webhook_id: str) -> bool:
+        seen = webhook_id in self.seen
+        self.seen.add(webhook_id)
+        return seen
+
+    async def forget(self, webhook_id: str) -> None:
+        self.seen.discard(webhook_id)
+
+
+async def test_handler_lets_a_shared_store_decide(make_client: ClientFactory) -> None:
+    processed: list[str] = []
+
+    async def record(payload: dict[str, Any], headers: Mapping[str, str]) -> None:
+        processed.append(headers["webhook-id"])
+
+    store = _SharedStore({"msg_busy"})
+    app = web.Application()
+    app.router.add_post(
+        "/hook", receiver.webhook_handler(receiver.Verifier(signed.NEW), store, record)
+    )
+    client = await make_client(app)
+    busy = await client.post(
+        "/hook", data=signed.BODY, headers=fresh(msg_id="msg_busy", header_name=None)
+    )
+    assert (busy.status, await busy.json()) == (503, {"status": "in_progress"})
+    assert busy.headers["Retry-After"] == "1"
+    for expected in ({"status": "ok"}, {"status": "duplicate"}):
+        resp = await client.post(
+            "/hook", data=signed.BODY, headers=fresh(msg_id="msg_x", header_name=None)
+        )
+        assert await resp.json() == expected
+    assert processed == ["msg_x"]
+    assert store.done == {"msg_x"}
+
+
+async def test_handler_still_works_with_an_older_store(make_client: ClientFactory) -> None:
+    calls = 0
+
+    async def flaky(payload: dict[str, Any], headers: Mapping[str, str]) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("first try fails")
+
+    app = web.Application()
+    app.router.add_post(
+        "/hook", receiver.webhook_handler(receiver.Verifier(signed.NEW), _OldStore(), flaky)
+    )
+    client = await make_client(app)
+    headers = fresh(header_name=None)
+    statuses = [
+        (await client.post("/hook", data=signed.BODY, headers=headers)).status for _ in range(3)
+    ]
+    assert statuses == [500, 200, 200]
+    resp = await client.post("/hook", data=signed.BODY, headers=headers)
+    assert await resp.json() == {"status": "duplicate"}
+    assert calls == 2

@@ -119,3 +119,11 @@ def test_default_schedule_spans_more_than_a_day() -> None:
         spans.append(age)
     assert min(spans) > 86_400, f"shortest schedule {min(spans) / 3600:.1f} h"
     assert max(spans) <= policy.max_age_seconds
+
+
+def test_a_retry_landing_exactly_at_max_age_is_still_made() -> None:
+    """The give-up point is strictly past max_age: age + delay == max_age retries."""
+    exact = backoff.decide(attempt=1, age_seconds=9_998, policy=POLICY, retry_after_seconds=2)
+    assert exact == backoff.Retry(2)
+    past = backoff.decide(attempt=1, age_seconds=9_998.5, policy=POLICY, retry_after_seconds=2)
+    assert past == backoff.GiveUp("max age exceeded (10000s)")

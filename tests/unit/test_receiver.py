@@ -280,3 +280,100 @@ def test_summary_line_has_type_and_status_only() -> None:
 def test_build_app_rejects_bad_fail_ratio() -> None:
     with pytest.raises(ValueError, match="fail_ratio"):
         example.build_app(signed.NEW, fail_ratio=1.5)
+
+
+# --- exactly what was signed, and the boundaries --------------------------------------------
+
+
+def test_zero_padded_timestamp_is_refused() -> None:
+    """The signature covers the header's bytes; "0<ts>" was never signed."""
+    headers = signed.dispatcher_headers(header_name=None)
+    headers["webhook-timestamp"] = "0" + headers["webhook-timestamp"]
+    with pytest.raises(receiver.TimestampError, match="unix seconds"):
+        receiver.verify_standard(signed.NEW, headers, signed.BODY, now=signed.NOW)
+
+
+@pytest.mark.parametrize("how", ["upper", "space_before", "space_after", "sha512"])
+def test_body_hmac_accepts_only_the_exact_lower_case_form(how: str) -> None:
+    good = signed.dispatcher_headers()[signed.HEADER]
+    receiver.verify_body_hmac(signed.NEW, good, signed.BODY)
+    digits = good.removeprefix("sha256=")
+    value = {
+        "upper": "sha256=" + digits.upper(),
+        "space_before": "sha256= " + digits,
+        "space_after": good + " ",
+        "sha512": "sha512=" + digits,
+    }[how]
+    with pytest.raises(receiver.InvalidSignatureError):
+        receiver.verify_body_hmac(signed.NEW, value, signed.BODY)
+
+
+def test_signature_entry_needs_the_v1_comma_form() -> None:
+    headers = signed.dispatcher_headers(header_name=None)
+    signature = headers["webhook-signature"]
+    encoded = signature.removeprefix("v1,")
+    for value in (encoded, "v1" + encoded, "v1;" + encoded, "v2," + encoded):
+        with pytest.raises(receiver.InvalidSignatureError):
+            receiver.verify_standard(
+                signed.NEW, {**headers, "webhook-signature": value}, signed.BODY, now=signed.NOW
+            )
+
+
+def test_verify_standard_uses_the_clock_when_now_is_omitted() -> None:
+    receiver.verify_standard(
+        signed.NEW, signed.dispatcher_headers(timestamp=int(time.time())), signed.BODY
+    )
+    with pytest.raises(receiver.TimestampError, match="too old"):
+        receiver.verify_standard(
+            signed.NEW, signed.dispatcher_headers(timestamp=signed.NOW - 10_000_000), signed.BODY
+        )
+
+
+def test_plain_secret_verifies_the_body_hmac_and_needs_its_header() -> None:
+    plain = "plain-text-secret-for-hmac"
+    headers = signed.dispatcher_headers(secrets=(plain,))
+    assert "webhook-signature" not in headers
+    verified = receiver.Verifier(
+        plain, signature_header=signed.HEADER, clock=lambda: signed.NOW
+    ).verify(headers, signed.BODY)
+    assert verified == receiver.Verified("msg_1", signed.NOW, body_hmac=True)
+    with pytest.raises(ValueError, match="whsec_"):
+        receiver.Verifier(plain)
+    with pytest.raises(ValueError, match="whsec_"):
+        receiver.verify_standard(plain, headers, signed.BODY, now=signed.NOW)
+
+
+def test_every_secret_must_be_a_non_empty_string() -> None:
+    for bad in (["", signed.NEW], [signed.NEW, ""]):
+        with pytest.raises(ValueError, match="secret"):
+            receiver.Verifier(bad)
+
+
+def test_a_stray_character_in_a_signature_is_not_skipped() -> None:
+    headers = signed.dispatcher_headers(header_name=None)
+    encoded = headers["webhook-signature"].removeprefix("v1,")
+    headers["webhook-signature"] = f"v1,{encoded[:10]}!{encoded[10:]}"
+    with pytest.raises(receiver.InvalidSignatureError):
+        receiver.verify_standard(signed.NEW, headers, signed.BODY, now=signed.NOW)
+
+
+def test_memory_store_bounds_at_their_edges() -> None:
+    receiver.MemoryIdempotencyStore(max_entries=1, ttl_seconds=0.5)
+    with pytest.raises(ValueError, match="max_entries"):
+        receiver.MemoryIdempotencyStore(max_entries=0)
+    with pytest.raises(ValueError, match="ttl_seconds"):
+        receiver.MemoryIdempotencyStore(ttl_seconds=0)
+
+
+async def test_forgetting_an_unknown_id_is_harmless() -> None:
+    store = receiver.MemoryIdempotencyStore()
+    await store.forget("never-seen")
+    assert await store.begin("never-seen") is receiver.Claim.NEW
+
+
+def test_postgres_store_settings() -> None:
+    # No database needed to check what the constructor keeps (tests/integration uses it).
+    store = receiver.PostgresIdempotencyStore(None, processing_seconds=0.5)  # type: ignore[arg-type]
+    assert (store.table, store.processing_seconds) == ("webhook_receipts", 0.5)
+    with pytest.raises(ValueError, match="processing_seconds"):
+        receiver.PostgresIdempotencyStore(None, processing_seconds=0)  # type: ignore[arg-type]

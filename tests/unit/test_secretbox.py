@@ -87,6 +87,13 @@ def test_the_cache_returns_the_same_plaintext_and_stays_bounded(
     for _ in range(2):
         assert [b.open(s) for s in sealed] == [f"{SECRET}{i}" for i in range(5)]
     assert len(b._cache) <= 3
+    # Exactly full: the next new entry empties the cache first, so it never exceeds the bound.
+    fresh = box(f"k1:{K1}")
+    for s in sealed[:3]:
+        fresh.open(s)
+    assert len(fresh._cache) == 3
+    fresh.open(sealed[3])
+    assert list(fresh._cache) == [sealed[3]]
 
 
 @pytest.mark.parametrize(
@@ -98,6 +105,9 @@ def test_the_cache_returns_the_same_plaintext_and_stays_bounded(
         f"k1:{K1},k1:{K2}",  # duplicate id
         f"bad id:{K1}",
         "k1:!!!notbase64!!!",
+        f":{K1}",  # empty key id
+        f"k1:{K1[:20]}!{K1[20:]}",  # a stray character is refused, not skipped
+        f"k1:{K1[:20]} {K1[20:]}",
     ],
 )
 def test_bad_key_specs_are_refused_without_echoing_the_key(spec: str) -> None:
@@ -130,3 +140,44 @@ def test_cli_reads_the_keys_and_rejects_bad_ones() -> None:
 def test_generated_keys_are_usable() -> None:
     b = box(f"new:{secretbox.generate_key()}")
     assert b.open(b.seal(SECRET)) == SECRET
+
+
+# A ciphertext sealed once, by hand, with AES-GCM under FIXED_KEY and nonce 00..0b: the stored
+# format (prefix, key id, nonce length, AAD) must keep opening it.
+FIXED_KEY = "ZGVmZ2hpamtsbW5vcHFyc3R1dnd4eXp7fH1+f4CBgoM="
+FIXED_SEALED = (
+    "enc:v1:fixed:AAECAwQFBgcICQoL6MNLKd4SqofyZPDl5vbp24djWOhZLqNApGCMfyvG0hNjqsof60/QcZNfg5I="
+)
+
+
+def test_a_known_ciphertext_still_opens() -> None:
+    box = secretbox.SecretBox.from_spec(f"fixed:{FIXED_KEY}")
+    assert box.open(FIXED_SEALED) == "whsec_known-plaintext-secret"
+    assert secretbox.SecretBox.key_id_of(FIXED_SEALED) == "fixed"
+
+
+def test_empty_elements_in_a_key_spec_drop_nothing() -> None:
+    sealed_k2 = secretbox.SecretBox.from_spec(f"k2:{K2}").seal("whsec_x")
+    box = secretbox.SecretBox.from_spec(f",k1:{K1},,k2:{K2},")
+    assert box.current_key_id == "k1"
+    assert box.open(sealed_k2) == "whsec_x"
+
+
+def test_url_safe_and_unpadded_keys_are_the_same_key() -> None:
+    raw = bytes([0xFB, 0xFF, 0xBF] * 10 + [0xFE, 0xFF])  # encodes with + and / (- and _)
+    standard = base64.b64encode(raw).decode()
+    url_safe = base64.urlsafe_b64encode(raw).decode()
+    assert "+" in standard
+    assert "/" in standard
+    assert standard.endswith("=")
+    sealed = secretbox.SecretBox.from_spec(f"k:{standard}").seal("whsec_y")
+    for spelling in (url_safe, url_safe.rstrip("="), standard.rstrip("=")):
+        assert secretbox.SecretBox.from_spec(f"k:{spelling}").open(sealed) == "whsec_y"
+
+
+def test_a_stray_character_in_a_stored_secret_fails_authentication() -> None:
+    b = box(f"k1:{K1}")
+    sealed = b.seal(SECRET)
+    head, payload = sealed.rsplit(":", 1)
+    with pytest.raises(secretbox.SecretBoxError, match="failed authentication"):
+        b.open(f"{head}:{payload[:10]}!{payload[10:]}")

@@ -194,3 +194,25 @@ async def test_guard_refusal_is_blocked_not_retried(sender: http_sender.Sender) 
         await session.close()
     assert result.verdict is model.Verdict.BLOCKED
     assert result.outcome is model.Outcome.BLOCKED
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "refused"),
+    [
+        ("X-Tenant", "acme é", False),
+        ("X-Tenant", "tab\tinside", False),
+        ("X-Tenant", "a\n", True),
+        ("X-Tenant", "a\r\nInjected: 1", True),
+        ("X-Tenant", "a\x0bb", True),
+        ("X-Tenant", "a\x7f", True),
+        ("X-Tenant", "a\x00", True),
+        ("X Tenant", "v", True),
+        ("X-Tenant\n", "v", True),
+        ("", "v", True),
+    ],
+)
+def test_header_problem_matches_what_http_refuses(name: str, value: str, refused: bool) -> None:
+    problem = http_sender.header_problem(name, value)
+    assert (problem is not None) == refused
+    if problem is not None:
+        assert value not in problem or not value

@@ -84,3 +84,57 @@ def test_registry_selection_per_subscription() -> None:
     ]
     with pytest.raises(signing.SigningError, match="unknown signer"):
         registry.for_subscription(None, ("nope",))
+
+
+def test_minimum_secret_and_key_lengths_are_exact() -> None:
+    import base64
+
+    signing.validate_secret("p" * 16)
+    with pytest.raises(signing.SigningError, match="16 characters"):
+        signing.validate_secret("p" * 15)
+    signing.validate_secret("whsec_" + base64.b64encode(b"k" * 16).decode())
+    with pytest.raises(signing.SigningError, match="16 bytes"):
+        signing.validate_secret("whsec_" + base64.b64encode(b"k" * 15).decode())
+
+
+def test_standard_secrets_need_the_prefix_and_base64() -> None:
+    assert signing.secret_key_bytes("whsec_" + "QUJDRA==") == b"ABCD"
+    for bad in ("QUJDRA==", "plain-text-secret-for-hmac", "whsec_not base64!"):
+        with pytest.raises(signing.SigningError):
+            signing.secret_key_bytes(bad)
+
+
+def test_one_rule_for_what_a_secret_signs() -> None:
+    whsec = signing.generate_secret()
+    signing.check_secret_scheme(whsec, None)
+    signing.check_secret_scheme(whsec, "X-Sig")
+    signing.check_secret_scheme("plain-text-secret-for-hmac", "X-Sig")
+    with pytest.raises(signing.SigningError, match="whsec_"):
+        signing.check_secret_scheme("plain-text-secret-for-hmac", None)
+    with pytest.raises(signing.SigningError, match="whsec_"):
+        signing.check_secret_scheme("plain-text-secret-for-hmac", "")
+    # The standard signer never sends an unsigned request, and skips plain secrets.
+    signer = standard.StandardWebhooksSigner()
+    with pytest.raises(signing.SigningError):
+        signer.headers(signing.SigningInput("m", 1, b"{}", ("plain-text-secret-for-hmac",)))
+    only_ids = signer.headers(
+        signing.SigningInput("m", 1, b"{}", ("plain-text-secret-for-hmac",), "X-Sig")
+    )
+    assert only_ids == {"webhook-id": "m", "webhook-timestamp": "1"}
+    mixed = signer.headers(
+        signing.SigningInput("m", 1, b"{}", ("plain-text-secret-for-hmac", whsec), "X-Sig")
+    )
+    assert mixed["webhook-signature"].count("v1,") == 1
+
+
+def test_lenient_base64_is_not_a_standard_secret() -> None:
+    with pytest.raises(signing.SigningError, match="base64"):
+        signing.secret_key_bytes("whsec_QUJD RA==")
+    with pytest.raises(signing.SigningError, match="base64"):
+        signing.secret_key_bytes("whsec_QUJD!RA==")
+
+
+def test_registry_keeps_the_signers_it_is_given() -> None:
+    signer = body_hmac.BodyHmacSigner()
+    assert signing.SignerRegistry({"mine": signer}).get("mine") is signer
+    assert {"standard-webhooks", "body-hmac"} <= set(signing.SignerRegistry.load().names())

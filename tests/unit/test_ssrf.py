@@ -34,6 +34,13 @@ URL_TABLE: list[tuple[str, bool]] = [
     ("http://127.1/", False),
     ("http://127.0.1/", False),
     ("http://127.0.0.1./", False),
+    ("http://127.0.0.2../", False),
+    ("http://127.0.0.1.../", False),
+    ("http://0x7f.1../", False),
+    ("http://2130706433../", False),
+    ("http://example.com../", False),
+    ("http://a..example.com/", False),
+    ("http://.example.com/", False),
     ("http://127.0.0.1%2e/", False),
     ("http://127.255.255.254/", False),
     ("http://\u2460\u2461\u2466.0.0.1/", False),
@@ -143,6 +150,8 @@ def test_check_request_host_agrees_with_check_url(url: str, allowed: bool) -> No
         ("0x7f.1", "127.0.0.1"),
         ("127.0.1", "127.0.0.1"),
         ("127.0.0.1.", "127.0.0.1"),
+        ("127.0.0.2..", "127.0.0.2"),
+        ("0x7f.1...", "127.0.0.1"),
         ("0x", "0.0.0.0"),
         ("0", "0.0.0.0"),
         ("00", "0.0.0.0"),
@@ -417,3 +426,148 @@ def test_is_blocked_error_walks_causes() -> None:
     cyclic.__context__ = unrelated
     assert not ssrf.is_blocked_error(unrelated)
     assert not ssrf.is_blocked_error(aiohttp.InvalidUrlClientError("2130706433"))
+
+
+# One address inside every blocked range, with the reason the block must name: removing a
+# row of the table (192.88.99.0/24, 3fff::/20, ...) must fail here.
+EVERY_BLOCKED_RANGE = [
+    ("0.1.2.3", "this network"),
+    ("10.1.2.3", "RFC 1918"),
+    ("100.100.1.1", "carrier-grade NAT"),
+    ("127.8.8.8", "loopback"),
+    ("169.254.1.1", "link-local"),
+    ("172.20.1.1", "RFC 1918"),
+    ("192.0.0.9", "IETF protocol"),
+    ("192.0.2.77", "TEST-NET-1"),
+    ("192.88.99.7", "6to4 relay"),
+    ("192.168.7.7", "RFC 1918"),
+    ("198.19.0.1", "benchmarking"),
+    ("198.51.100.7", "TEST-NET-2"),
+    ("203.0.113.7", "TEST-NET-3"),
+    ("239.1.1.1", "multicast"),
+    ("250.1.1.1", "reserved"),
+    ("::", "unspecified"),
+    ("::1", "loopback"),
+    ("64:ff9b:1::7", "local-use NAT64"),
+    ("100::7", "discard-only"),
+    ("2001:0:1::7", "Teredo"),
+    ("2001:2::7", "benchmarking"),
+    ("2001:1f::7", "ORCHID"),
+    ("2001:db8::7", "documentation"),
+    ("3fff:1::7", "documentation"),
+    ("fd12::7", "unique local"),
+    ("fe80::7", "link-local"),
+    ("fec0::7", "site-local"),
+    ("ff05::7", "multicast"),
+]
+
+
+@pytest.mark.parametrize(("address", "reason"), EVERY_BLOCKED_RANGE)
+def test_one_address_of_every_blocked_range_is_blocked_for_its_reason(
+    address: str, reason: str
+) -> None:
+    found = ssrf.AddressPolicy().block_reason(ipaddress.ip_address(address))
+    assert found is not None, address
+    assert reason in found, (address, found)
+
+
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        ("1.2.3.4.0", None),  # five parts is never an address
+        ("[::1", None),  # unbalanced brackets
+        ("::1]", None),
+        ("[::1%25]", "::1"),  # an empty zone id
+    ],
+)
+def test_parse_ip_literal_edges(host: str, expected: str | None) -> None:
+    ip = ssrf.parse_ip_literal(host)
+    assert (None if ip is None else str(ip)) == expected
+
+
+def test_embedded_ipv4_is_judged_by_that_address() -> None:
+    allowed = ssrf.AddressPolicy()
+    # IPv4-compatible forms of a global address pass, as the address itself would.
+    assert allowed.block_reason(ipaddress.ip_address("::808:808")) is None
+    private = allowed.block_reason(ipaddress.ip_address("::a00:1"))
+    assert private is not None
+    assert "10.0.0.1" in private
+    assert "RFC 1918" in private
+    smallest = allowed.block_reason(ipaddress.ip_address("::2"))
+    assert smallest is not None
+    assert "0.0.0.2" in smallest
+
+
+def test_zone_ids_do_not_change_the_verdict() -> None:
+    policy = ssrf.AddressPolicy()
+    global_scoped = ssrf.parse_ip_literal("[2606:4700::1%25eth0]")
+    assert global_scoped is not None
+    assert policy.block_reason(global_scoped) is None
+    link_local = ssrf.parse_ip_literal("[fe80::1%25eth0]")
+    assert link_local is not None
+    assert policy.block_reason(link_local) is not None
+
+
+def test_ports_at_the_edges() -> None:
+    ssrf.check_url("http://example.com:1/", DEFAULT)
+    ssrf.check_url("http://example.com:65535/", DEFAULT)
+    for port in ("0", "65536"):
+        with pytest.raises(ssrf.InvalidUrlError):
+            ssrf.check_url(f"http://example.com:{port}/", DEFAULT)
+
+
+def test_names_that_only_resemble_localhost_are_names() -> None:
+    ssrf.check_url("http://localhostX/", DEFAULT)
+    ssrf.check_request_host("http://localhostX/", DEFAULT)
+
+
+def test_https_only_blocks_clear_text_at_the_attempt() -> None:
+    policy = ssrf.AddressPolicy(https_only=True)
+    ssrf.check_request_host("https://example.com/", policy)
+    ssrf.check_request_host(yarl.URL("https://example.com/"), policy)
+    with pytest.raises(ssrf.BlockedAddressError, match="only https"):
+        ssrf.check_request_host("http://example.com/", policy)
+
+
+def test_blocked_address_error_fields_and_text() -> None:
+    with pytest.raises(ssrf.BlockedAddressError) as info:
+        ssrf.check_url("http://10.1.2.3/x", DEFAULT)
+    assert (info.value.host, info.value.address) == ("10.1.2.3", "10.1.2.3")
+    assert "RFC 1918" in info.value.reason
+    assert "(10.1.2.3)" not in str(info.value)  # the address is not repeated after the host
+    with pytest.raises(ssrf.BlockedAddressError) as named:
+        ssrf.check_url("http://0x0a.1.2.3/x", DEFAULT)
+    assert named.value.host == "0x0a.1.2.3"
+    assert "0x0a.1.2.3 (10.1.2.3)" in str(named.value)
+    for url in ("http://localhost/", "http://a..b/"):
+        with pytest.raises(ssrf.BlockedAddressError) as by_name:
+            ssrf.check_url(url, DEFAULT)
+        assert by_name.value.host == yarl.URL(url).raw_host
+        assert by_name.value.address is None
+
+
+async def test_the_connector_resolver_wraps_the_given_resolver() -> None:
+    inner = FakeResolver(["8.8.8.8"])
+    resolver = ssrf.build_connector_resolver(DEFAULT, inner)
+    results = await resolver.resolve("hooks.example", 443)
+    assert [r["host"] for r in results] == ["8.8.8.8"]
+    assert inner.calls
+
+
+async def test_a_name_with_no_addresses_is_blocked_with_its_host() -> None:
+    resolver = ssrf.GuardedResolver(DEFAULT, FakeResolver([]))
+    with pytest.raises(ssrf.BlockedAddressError) as info:
+        await resolver.resolve("empty.example", 80)
+    assert info.value.host == "empty.example"
+
+
+def test_is_blocked_error_survives_repeated_links() -> None:
+    class Wrapper(Exception):
+        os_error: BaseException | None = None
+
+    repeated = ValueError("seen twice")
+    outer = Wrapper("outer")
+    outer.__cause__ = ssrf.BlockedAddressError("h", None, "r")
+    outer.__context__ = repeated
+    outer.os_error = repeated
+    assert ssrf.is_blocked_error(outer)
