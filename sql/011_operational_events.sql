@@ -14,6 +14,8 @@
 -- operations endpoint cannot feed itself; operator actions on it (disable, enable, rotate)
 -- still are.
 --
+-- Reserved: a producer cannot INSERT a 'dispatcher.' event type (receivers trust them).
+--
 -- No storms: per subscription and minute, the first dispatcher.delivery.dead events (60, or
 -- the session's dispatcher.dead_events_per_minute) are written; past that, dead letters only
 -- add to a counter row, and one dispatcher.deliveries.dead_summary per subscription and
@@ -59,12 +61,33 @@ LANGUAGE sql STABLE AS $$
                               'data', p_data)
 $$;
 
+-- The 'dispatcher.' event types are reserved: a producer's INSERT of one fails with a clear
+-- error (receivers must be able to trust them). The functions below switch the guard off
+-- around their own INSERTs only (transaction-local, back on right after). Row-level with a
+-- WHEN, so other event types never enter the function.
+CREATE FUNCTION webhook_outbox_reserved_type() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF coalesce(current_setting('dispatcher.emitting', true), '') <> 'on' THEN
+        RAISE EXCEPTION 'event type % is reserved: types starting with "dispatcher." are the dispatcher''s own operational events',
+            NEW.event_type
+            USING ERRCODE = 'check_violation';
+    END IF;
+    RETURN NEW;
+END $$;
+
+CREATE TRIGGER webhook_outbox_reserved_type BEFORE INSERT ON webhook_outbox
+    FOR EACH ROW WHEN (starts_with(NEW.event_type, 'dispatcher.'))
+    EXECUTE FUNCTION webhook_outbox_reserved_type();
+
 -- One operational event. Plain INSERT; the outbox's statement trigger wakes the routers.
 CREATE FUNCTION dispatcher_emit(p_type text, p_subject text, p_data jsonb) RETURNS void
-LANGUAGE sql AS $$
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM set_config('dispatcher.emitting', 'on', true);
     INSERT INTO webhook_outbox (event_type, payload, ordering_key)
-    VALUES (p_type, dispatcher_event_payload(p_type, p_data), p_subject)
-$$;
+    VALUES (p_type, dispatcher_event_payload(p_type, p_data), p_subject);
+    PERFORM set_config('dispatcher.emitting', '', true);
+END $$;
 
 -- The subscription part every subscription event carries.
 CREATE FUNCTION dispatcher_subscription_subject(s webhook_subscriptions) RETURNS jsonb
@@ -190,6 +213,7 @@ BEGIN
 
     -- Announce the dead letters that fit under this minute's rate, one event each; leave the
     -- rest to the minute's summary (their count and the first few ids).
+    PERFORM set_config('dispatcher.emitting', 'on', true);
     WITH ranked AS (
         SELECT n.id, n.subscription_id, n.attempt, n.last_status, n.last_error, e.event_id,
                e.event_type,
@@ -225,6 +249,7 @@ BEGIN
         GROUP BY r.subscription_id
     ) x
     WHERE c.subscription_id = x.subscription_id AND c.minute = v_minute;
+    PERFORM set_config('dispatcher.emitting', '', true);
     RETURN NULL;
 END $$;
 
@@ -241,6 +266,7 @@ RETURNS integer LANGUAGE plpgsql AS $$
 DECLARE
     v_written integer;
 BEGIN
+    PERFORM set_config('dispatcher.emitting', 'on', true);
     WITH due AS (
         SELECT subscription_id, minute
         FROM webhook_dead_letter_counts
@@ -270,6 +296,7 @@ BEGIN
     FROM marked m
     ORDER BY m.minute, m.subscription_id;
     GET DIAGNOSTICS v_written = ROW_COUNT;
+    PERFORM set_config('dispatcher.emitting', '', true);
 
     DELETE FROM webhook_dead_letter_counts
     WHERE minute < p_now - interval '1 day' AND (suppressed = 0 OR summarized_at IS NOT NULL);

@@ -12,6 +12,7 @@ import time
 import uuid
 from typing import Any
 
+import asyncpg
 import jsonschema
 import orjson
 import pytest
@@ -393,3 +394,14 @@ async def test_events_name_the_host_never_credentials_path_or_query(pool: Any) -
         ("http://user@10.0.0.1/x", "10.0.0.1"),
     ]:
         assert await pool.fetchval("SELECT dispatcher_url_host($1)", url) == host
+
+
+async def test_producers_cannot_publish_a_reserved_dispatcher_event_type(pool: Any) -> None:
+    with pytest.raises(asyncpg.CheckViolationError, match="reserved"):
+        await support.publish(pool, event_type="dispatcher.subscription.disabled")
+    with pytest.raises(asyncpg.CheckViolationError, match="reserved"):
+        await pool.execute(
+            "INSERT INTO webhook_outbox (event_type, payload) VALUES ('dispatcher.x', '{}')"
+        )
+    # A look-alike outside the namespace is an ordinary event.
+    await support.publish(pool, event_type="dispatcher_x.created")
