@@ -27,6 +27,9 @@ DEAD_EVENTS_SETTING: Final = "dispatcher.dead_events_per_minute"
 # Transaction-local (is_local = true): they name only the change made in this transaction.
 MARK_CHANGE_SQL: Final = "SELECT set_config('dispatcher.change_kind', $1, true)"
 MARK_RATIO_SQL: Final = "SELECT set_config('dispatcher.failure_ratio', $1, true)"
+# The reserved 'dispatcher.' event types may be inserted by this transaction: only for an
+# event the dispatcher itself publishes (the subscription test event).
+EMITTING_SQL: Final = "SELECT set_config('dispatcher.emitting', 'on', true)"
 
 
 async def flush_dead_summaries(pool: Any, now: datetime.datetime | None = None) -> int:

@@ -268,7 +268,8 @@ async def test_refresh_folds_subscriptions_beyond_the_limit(pool: Any) -> None:
     ]
     # Events were written 1..3 s in the past.
     assert all(a is not None and 3 <= a < 60 for a in ages), ages
-    assert _gauge(registry, "dispatcher_outbox_backlog") == 1
+    # The event, and the operational events announcing the fourth subscription's 3 dead letters.
+    assert _gauge(registry, "dispatcher_outbox_backlog") == 4
 
     # Disabled is down too; a deleted subscription's series disappear on the next refresh.
     await pool.execute(
