@@ -18,7 +18,7 @@ import orjson
 import pytest
 from standardwebhooks.webhooks import Webhook
 
-from dispatcher import config, model, secretbox
+from dispatcher import claimer, config, model, secretbox
 from dispatcher.db import management, operational, repository
 from dispatcher.db import pool as db_pool
 from dispatcher.db import secrets as db_secrets
@@ -405,3 +405,33 @@ async def test_producers_cannot_publish_a_reserved_dispatcher_event_type(pool: A
         )
     # A look-alike outside the namespace is an ordinary event.
     await support.publish(pool, event_type="dispatcher_x.created")
+
+
+async def test_why_follows_the_claimers_verdicts(pool: Any) -> None:
+    # The texts the claimer leaves on a dead delivery, classified by the trigger's SQL.
+    policy = config.RetryPolicy(max_attempts=3, max_4xx_attempts=2, max_age_seconds=60)
+
+    def result(verdict: model.Verdict, status: int | None, error: str) -> model.AttemptResult:
+        return model.AttemptResult(verdict, model.Outcome.OTHER, status, error, 0.01)
+
+    cases = [
+        (result(model.Verdict.RETRYABLE, 503, "HTTP 503"), 3, 0.0, "attempts"),
+        (result(model.Verdict.RETRYABLE, None, "timeout"), 1, 59.99, "age"),
+        (result(model.Verdict.PERMANENT, 422, "HTTP 422"), 2, 0.0, "4xx_rule"),
+        (result(model.Verdict.BLOCKED, None, "blocked: 10.0.0.1 is private"), 1, 0.0, "blocked"),
+        (result(model.Verdict.RETRYABLE, 429, "HTTP 429"), 3, 0.0, "attempts"),
+    ]
+    for attempt_result, attempt, age, why in cases:
+        state, _, error = claimer.decide(
+            attempt_result, attempt=attempt, age_seconds=age, policy=policy, rand=lambda: 1.0
+        )
+        assert state is model.DeliveryState.DEAD, attempt_result
+        got = await pool.fetchval(
+            "SELECT dispatcher_dead_why($1, $2)", attempt_result.status, error
+        )
+        assert got == why, (error, got)
+    # A lease that kept expiring (the reaper's text).
+    assert (
+        await pool.fetchval("SELECT dispatcher_dead_why(NULL, 'lease expired (worker lost)')")
+        == "attempts"
+    )
