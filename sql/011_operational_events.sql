@@ -201,7 +201,9 @@ BEGIN
         SELECT subscription_id, count(*) AS n FROM dead GROUP BY subscription_id
     ), counted AS (
         INSERT INTO webhook_dead_letter_counts AS c (subscription_id, minute, dead)
-        SELECT subscription_id, v_minute, n FROM per_sub
+        -- In subscription order, so two acks killing deliveries of the same subscriptions
+        -- lock their counter rows in the same order (no deadlock).
+        SELECT subscription_id, v_minute, n FROM per_sub ORDER BY subscription_id
         ON CONFLICT (subscription_id, minute) DO UPDATE SET dead = c.dead + excluded.dead
         RETURNING c.subscription_id, c.dead
     )
