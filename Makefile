@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: venv demo test test-fast lint bench bench-smoke chaos clean tools mutate
+.PHONY: venv demo test test-fast lint bench bench-smoke chaos clean tools mutate screenshots
 
 venv: $(STAMP)
 
@@ -40,6 +40,10 @@ test-fast: venv
 
 bench: venv
 	$(BIN)/dispatcher bench
+
+# The console's screenshots in docs/, taken by its browser tests (needs chromium: make tools).
+screenshots: venv
+	CONSOLE_SCREENSHOTS=1 $(BIN)/pytest -q -p no:cacheprovider tests/browser
 
 chaos: venv
 	DISPATCHER_CHAOS_LONG=1 $(BIN)/pytest -q -p no:cacheprovider tests/chaos

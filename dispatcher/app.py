@@ -36,6 +36,7 @@ from dispatcher.db import listener, management, migrate, repository
 from dispatcher.db import operational as db_operational
 from dispatcher.db import pool as db_pool
 from dispatcher.web import admin_api, probes
+from dispatcher.web.console import pages as console_pages
 
 log = structlog.get_logger("dispatcher.app")
 
@@ -94,13 +95,11 @@ class Dispatcher:
             log.warning("secrets_stored_in_plaintext", hint="set DISPATCHER_SECRET_KEYS")
         self.readiness = probes.Readiness(repo.ping)
         signers = signing.SignerRegistry.load()
+        mgmt = management.Management(
+            self.pool, repo, check_url=ssrf.resolving_check(self.policy, self.url_resolver)
+        )
         management_api = admin_api.build(
-            management.Management(
-                self.pool, repo, check_url=ssrf.resolving_check(self.policy, self.url_resolver)
-            ),
-            token=s.admin_token,
-            policy=self.policy,
-            signers=signers,
+            mgmt, token=s.admin_token, policy=self.policy, signers=signers
         )
         guarded = [f"/{name}" for name in config.PROBE_ENDPOINTS if name not in s.open_endpoints]
         runner = web.AppRunner(
@@ -108,6 +107,7 @@ class Dispatcher:
                 self.readiness,
                 self.registry,
                 api=management_api,
+                console=console_pages.build(mgmt, token=s.admin_token, signers=signers),
                 middlewares=[admin_api.probe_guard(s.admin_token, guarded)] if guarded else [],
             ),
             access_log=None,

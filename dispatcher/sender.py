@@ -52,6 +52,19 @@ def _check_headers(headers: Mapping[str, str]) -> None:
             raise UnsendableError(problem)
 
 
+def unsigned_headers(custom: Mapping[str, str] | None) -> dict[str, str]:
+    """Every request's headers before signing: the subscription's own (minus the reserved
+    ones), the content type and the user agent."""
+    headers = (
+        {k: v for k, v in custom.items() if k.lower() not in model.RESERVED_HEADERS}
+        if custom
+        else {}
+    )
+    headers["content-type"] = "application/json"
+    headers["user-agent"] = USER_AGENT
+    return headers
+
+
 class Sender:
     """Sends jobs over one shared ``aiohttp.ClientSession`` (keep-alive, no redirects).
 
@@ -91,13 +104,7 @@ class Sender:
     def build_headers(self, job: model.Job, timestamp: int) -> dict[str, str]:
         """The request's headers; ``UnsendableError`` when the subscription cannot produce them
         (a refused header, an unusable secret, a signer that fails)."""
-        headers = (
-            {k: v for k, v in job.headers.items() if k.lower() not in model.RESERVED_HEADERS}
-            if job.headers
-            else {}
-        )
-        headers["content-type"] = "application/json"
-        headers["user-agent"] = USER_AGENT
+        headers = unsigned_headers(job.headers)
         key = (job.signature_header, job.signers)
         signers = self._signers.get(key)
         if signers is None:

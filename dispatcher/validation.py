@@ -49,6 +49,7 @@ MAX_REASON_LENGTH: Final = 500
 MAX_GRACE_SECONDS: Final = 7 * 86400
 DEFAULT_GRACE_SECONDS: Final = 86400
 MAX_EVENT_ID_LENGTH: Final = 200
+MAX_SEARCH_LENGTH: Final = 200
 PAGE_LIMIT_RANGE: Final = (1, 200)
 DEFAULT_PAGE_LIMIT: Final = 50
 MAX_DELIVERY_ID: Final = 2**63 - 1
@@ -408,6 +409,14 @@ def validate_delivery_filter(query: Mapping[str, str]) -> dict[str, Any]:
         "created_after": parse_time(after, "created_after") if after is not None else None,
         "created_before": parse_time(before, "created_before") if before is not None else None,
     }
+
+
+def validate_search(query: Mapping[str, str]) -> str | None:
+    """The optional ``search`` text of a subscription listing (blank means no search)."""
+    raw = query.get("search")
+    if raw is None or not raw.strip():
+        return None
+    return text(raw.strip(), "search", max_length=MAX_SEARCH_LENGTH, min_length=1)
 
 
 def page_limit(query: Mapping[str, str]) -> int:

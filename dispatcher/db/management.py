@@ -17,7 +17,7 @@ import contextlib
 import dataclasses
 import datetime
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -44,6 +44,30 @@ CANCELLABLE_STATES = (
     model.DeliveryState.RETRYING,
     model.DeliveryState.PARKED,
 )
+# States the per-group counters keep (sql/004_metrics.sql); finished work is not counted.
+QUEUED_STATES = tuple(
+    s.value for s in (*model.ACTIVE_STATES, model.DeliveryState.DEAD, model.DeliveryState.PARKED)
+)
+# The window of recent attempts the overview and the subscription health figures cover, and
+# the most attempts they read: at high rates the window is cut to the newest attempts, so a
+# page costs the same at 10 or 10 000 deliveries per second (the answer says so).
+RECENT_MINUTES = 15
+RECENT_ATTEMPTS_CAP = 10_000
+# The newest attempts, walked backwards on the primary key and cut at the cap. Constants in
+# the SQL, not parameters: with parameters Postgres switches to a generic plan after five
+# runs that misjudges the window and reads every attempt (30 ms became 300+ ms with a
+# million attempts, tests/perf/console_pages.py).
+_RECENT_ATTEMPTS = f"""
+    recent AS MATERIALIZED (
+        SELECT delivery_id, started_at, outcome, applied FROM webhook_attempts
+        ORDER BY id DESC LIMIT {RECENT_ATTEMPTS_CAP}
+    ),
+    bounds AS (
+        SELECT date_trunc('minute', now()) - interval '{RECENT_MINUTES - 1} minutes' AS since
+    )
+"""
+# The unrouted outbox backlog is counted exactly up to here, then shown as "more than".
+BACKLOG_CAP = 10_000
 
 
 class ManagementError(Exception):
@@ -245,8 +269,11 @@ class Management:
         after: tuple[datetime.datetime, uuid.UUID] | None = None,
         enabled: bool | None = None,
         event_type: str | None = None,
+        search: str | None = None,
     ) -> Page:
-        # Oldest first on (created_at, id); plain read, no locks.
+        """``search``: case-insensitive substring of the id, URL or description."""
+        # Oldest first on (created_at, id); plain read, no locks. strpos, not LIKE: the search
+        # text needs no escaping of % and _.
         rows = await self.pool.fetch(
             f"""
             SELECT {SUBSCRIPTION_COLUMNS}
@@ -254,6 +281,8 @@ class Management:
             WHERE ($1::timestamptz IS NULL OR (created_at, id) > ($1, $2::uuid))
               AND ($3::boolean IS NULL OR enabled = $3)
               AND ($4::text IS NULL OR $4 = ANY (event_types))
+              AND ($6::text IS NULL
+                   OR strpos(lower(id::text || ' ' || url || ' ' || description), lower($6)) > 0)
             ORDER BY created_at, id
             LIMIT $5
             """,
@@ -262,6 +291,7 @@ class Management:
             enabled,
             event_type,
             limit + 1,
+            search,
         )
         items = [subscription_dict(r) for r in rows[:limit]]
         more = len(rows) > limit
@@ -431,34 +461,172 @@ class Management:
             )
         return {"event_id": event_id, "event_type": TEST_EVENT_TYPE}
 
+    async def subscription_stats(
+        self, subscription_ids: Sequence[uuid.UUID]
+    ) -> dict[str, dict[str, int]]:
+        """Per subscription id: queued work by state (``in_flight``, ``dead``, …) and the
+        attempts and failures of the last ``RECENT_MINUTES``, among the newest
+        ``RECENT_ATTEMPTS_CAP`` (zeros where there are none)."""
+        async with self.pool.acquire() as conn:
+            # Plain reads, no locks. Depth sums the per-group deltas (sql/004_metrics.sql); the
+            # window finds each recent attempt's subscription by primary key. Both cover every
+            # subscription and take no parameters (see _RECENT_ATTEMPTS).
+            depth = await conn.fetch(
+                """
+                SELECT subscription_id, state, sum(delta)::bigint AS n
+                FROM webhook_delivery_count_deltas
+                GROUP BY subscription_id, state
+                """
+            )
+            window = await conn.fetch(
+                f"""
+                WITH {_RECENT_ATTEMPTS}
+                SELECT d.subscription_id, count(*) AS attempts,
+                       count(*) FILTER (WHERE a.outcome <> 'success') AS failed
+                FROM recent a JOIN webhook_deliveries d ON d.id = a.delivery_id
+                WHERE a.applied AND a.started_at >= (SELECT since FROM bounds)
+                GROUP BY d.subscription_id
+                """
+            )
+        out: dict[str, dict[str, int]] = {
+            str(sid): dict.fromkeys((*QUEUED_STATES, "attempts", "failed"), 0)
+            for sid in subscription_ids
+        }
+        for row in depth:
+            entry = out.get(str(row["subscription_id"]))
+            if entry is not None:
+                entry[row["state"]] = int(row["n"])
+        for row in window:
+            entry = out.get(str(row["subscription_id"]))
+            if entry is not None:
+                entry["attempts"] = int(row["attempts"])
+                entry["failed"] = int(row["failed"])
+        return out
+
+    async def overview(self) -> dict[str, Any]:
+        """Database-wide state at a glance: queued work by state, the oldest undelivered
+        event, the unrouted outbox backlog (exact up to ``BACKLOG_CAP``), subscriptions up,
+        paused and disabled, and delivered/failed attempts per minute over the last
+        ``RECENT_MINUTES`` (at most the newest ``RECENT_ATTEMPTS_CAP``: ``window_cut`` and
+        ``window_since`` say what was covered)."""
+        async with self.pool.acquire() as conn:
+            # Plain reads, no locks; each one is an index probe or a small aggregate.
+            depth = await conn.fetch(
+                """
+                SELECT state, sum(delta)::bigint AS n FROM webhook_delivery_count_deltas
+                GROUP BY state
+                """
+            )
+            # One probe of webhook_deliveries_oldest per subscription (a min() over the whole
+            # partial index would read every queued row).
+            oldest = await conn.fetchval(
+                """
+                SELECT min(o.at) FROM webhook_subscriptions s CROSS JOIN LATERAL (
+                    SELECT min(d.event_created_at) AS at FROM webhook_deliveries d
+                    WHERE d.subscription_id = s.id
+                      AND d.state IN ('pending', 'in_flight', 'retrying')
+                ) o
+                """
+            )
+            backlog = await conn.fetchval(
+                """
+                SELECT count(*) FROM (
+                    SELECT 1 FROM webhook_outbox WHERE routed_at IS NULL LIMIT $1
+                ) x
+                """,
+                BACKLOG_CAP + 1,
+            )
+            subs = await conn.fetchrow(
+                """
+                SELECT count(*) FILTER (WHERE enabled AND paused_until IS NULL
+                                           OR enabled AND paused_until <= now()) AS up,
+                       count(*) FILTER (WHERE enabled AND paused_until > now()) AS paused,
+                       count(*) FILTER (WHERE NOT enabled) AS disabled
+                FROM webhook_subscriptions
+                """
+            )
+            # One row per minute with attempts, or one row with a null minute when none; the
+            # window's start, how many attempts were read and the oldest of them on each.
+            rows = await conn.fetch(
+                f"""
+                WITH {_RECENT_ATTEMPTS}
+                SELECT b.since, (SELECT count(*) FROM recent) AS read,
+                       (SELECT min(started_at) FROM recent) AS oldest,
+                       m.minute, m.delivered, m.failed
+                FROM bounds b LEFT JOIN LATERAL (
+                    SELECT date_trunc('minute', started_at) AS minute,
+                           count(*) FILTER (WHERE outcome = 'success') AS delivered,
+                           count(*) FILTER (WHERE outcome <> 'success') AS failed
+                    FROM recent
+                    WHERE applied AND started_at >= b.since
+                    GROUP BY 1
+                ) m ON true
+                ORDER BY m.minute
+                """
+            )
+        states = {r["state"]: int(r["n"]) for r in depth}
+        window = rows[0]
+        minutes = [r for r in rows if r["minute"] is not None]
+        # Cut short when the cap was reached by attempts that all fall inside the window.
+        cut = window["read"] >= RECENT_ATTEMPTS_CAP and window["oldest"] > window["since"]
+        delivered = sum(int(r["delivered"]) for r in minutes)
+        failed = sum(int(r["failed"]) for r in minutes)
+        return {
+            "window_minutes": RECENT_MINUTES,
+            "window_since": _iso(window["oldest"] if cut else window["since"]),
+            "window_cut": cut,
+            "deliveries": {s: states.get(s, 0) for s in QUEUED_STATES},
+            "oldest_undelivered_at": _iso(oldest),
+            "outbox_backlog": int(backlog),
+            "outbox_backlog_capped": int(backlog) > BACKLOG_CAP,
+            "subscriptions": {k: int(subs[k]) for k in ("up", "paused", "disabled")},
+            "delivered": delivered,
+            "failed": failed,
+            "success_ratio": delivered / (delivered + failed) if delivered + failed else None,
+            "per_minute": [
+                {
+                    "minute": _iso(r["minute"]),
+                    "delivered": int(r["delivered"]),
+                    "failed": int(r["failed"]),
+                }
+                for r in minutes
+            ],
+        }
+
     # -- deliveries ------------------------------------------------------------------------
 
     async def list_deliveries(
         self, filters: DeliveryFilter, *, limit: int, before_id: int | None = None
     ) -> Page:
-        # Newest first, keyset on id; plain read.
+        # Newest first, keyset on id; plain read. Only the filters given become conditions
+        # (fixed fragments, numbered parameters): a "$n IS NULL OR ..." per filter made
+        # Postgres's generic plan, used after five runs, ignore the indexes (1 ms became
+        # 190 ms with a million deliveries, tests/perf/console_pages.py).
         f = filters
+        conditions: list[str] = []
+        args: list[Any] = []
+        for fragment, value in (
+            ("d.id < ${}", before_id),
+            ("d.subscription_id = ${}", f.subscription_id),
+            ("d.state = ${}", f.state),
+            ("o.event_type = ${}", f.event_type),
+            ("d.created_at >= ${}", f.created_after),
+            ("d.created_at < ${}", f.created_before),
+        ):
+            if value is not None:
+                args.append(value)
+                conditions.append(fragment.format(len(args)))
+        args.append(limit + 1)
         rows = await self.pool.fetch(
             f"""
             SELECT {_DELIVERY_COLUMNS}
             FROM webhook_deliveries d
             JOIN webhook_outbox o ON o.id = d.outbox_id
-            WHERE ($1::bigint IS NULL OR d.id < $1)
-              AND ($2::uuid IS NULL OR d.subscription_id = $2)
-              AND ($3::text IS NULL OR d.state = $3)
-              AND ($4::text IS NULL OR o.event_type = $4)
-              AND ($5::timestamptz IS NULL OR d.created_at >= $5)
-              AND ($6::timestamptz IS NULL OR d.created_at < $6)
+            WHERE {" AND ".join(conditions) or "true"}
             ORDER BY d.id DESC
-            LIMIT $7
+            LIMIT ${len(args)}
             """,
-            before_id,
-            f.subscription_id,
-            f.state,
-            f.event_type,
-            f.created_after,
-            f.created_before,
-            limit + 1,
+            *args,
         )
         items = [delivery_dict(r) for r in rows[:limit]]
         more = len(rows) > limit

@@ -232,6 +232,7 @@ async def _list_subscriptions(request: web.Request) -> web.Response:
         after=validation.subscription_cursor(q),
         enabled=None if enabled_raw is None else enabled_raw == "true",
         event_type=event_type,
+        search=validation.validate_search(q),
     )
     return _json(validation.page_body(page.items, page.next_key, "subscriptions"))
 
@@ -345,6 +346,10 @@ async def _get_event(request: web.Request) -> web.Response:
     return _json(await request.app[MANAGEMENT].get_event(event_id))
 
 
+async def _overview(request: web.Request) -> web.Response:
+    return _json(await request.app[MANAGEMENT].overview())
+
+
 async def _list_unrouted(request: web.Request) -> web.Response:
     q = request.query
     page = await request.app[MANAGEMENT].list_unrouted_events(
@@ -376,6 +381,7 @@ ROUTES: Final[tuple[tuple[str, str, Handler], ...]] = (
     ("POST", "/deliveries/{delivery_id}/retry", _retry_delivery),
     ("POST", "/deliveries/{delivery_id}/cancel", _cancel_delivery),
     ("GET", "/unrouted-events", _list_unrouted),
+    ("GET", "/overview", _overview),
     ("GET", "/events/{event_id}", _get_event),
 )
 

@@ -12,6 +12,7 @@ import functools
 from typing import Any
 
 from dispatcher import __version__, validation
+from dispatcher.db import management
 
 _NULLABLE_STRING = {"type": "string", "nullable": True}
 _DATE_TIME = {"type": "string", "format": "date-time"}
@@ -343,6 +344,39 @@ def _schemas() -> dict[str, Any]:
             {**event_props, "deliveries": {"type": "array", "items": _ref("Delivery")}}
         ),
         "EventPage": page("Event"),
+        "Overview": obj(
+            {
+                "window_minutes": {"type": "integer"},
+                "window_since": {
+                    **_DATE_TIME,
+                    "description": "Start of what the attempt figures cover: the window's "
+                    "start, or later when window_cut (only the newest attempts are read).",
+                },
+                "window_cut": {"type": "boolean"},
+                "deliveries": obj(
+                    {state: {"type": "integer"} for state in management.QUEUED_STATES}
+                ),
+                "oldest_undelivered_at": _NULLABLE_DATE_TIME,
+                "outbox_backlog": {"type": "integer"},
+                "outbox_backlog_capped": {"type": "boolean"},
+                "subscriptions": obj(
+                    {k: {"type": "integer"} for k in ("up", "paused", "disabled")}
+                ),
+                "delivered": {"type": "integer"},
+                "failed": {"type": "integer"},
+                "success_ratio": {"type": "number", "nullable": True},
+                "per_minute": {
+                    "type": "array",
+                    "items": obj(
+                        {
+                            "minute": _DATE_TIME,
+                            "delivered": {"type": "integer"},
+                            "failed": {"type": "integer"},
+                        }
+                    ),
+                },
+            }
+        ),
     }
 
 
@@ -406,6 +440,11 @@ def _paths() -> dict[str, Any]:
                             "maxLength": validation.MAX_EVENT_TYPE_LENGTH,
                         },
                         "Subscriptions listing exactly this event-type pattern.",
+                    ),
+                    _query(
+                        "search",
+                        {"type": "string", "maxLength": validation.MAX_SEARCH_LENGTH},
+                        "Case-insensitive substring of the id, URL or description.",
                     ),
                 ],
                 tag=s,
@@ -605,6 +644,15 @@ def _paths() -> dict[str, Any]:
                 "Events that reached no subscription (unmatched or unknown target), newest first",
                 {"200": _ok("A page of events", "EventPage"), **bad},
                 params=[limit, cursor],
+                tag=e,
+            )
+        },
+        "/overview": {
+            "get": _op(
+                "getOverview",
+                "Queued work, oldest undelivered event, backlog, subscription states and "
+                "delivered/failed attempts per minute over the recent window",
+                {"200": _ok("The overview", "Overview")},
                 tag=e,
             )
         },

@@ -62,10 +62,12 @@ def build_app(
     registry: prom.CollectorRegistry,
     *,
     api: web.Application | None = None,
+    console: web.Application | None = None,
     middlewares: Sequence[Any] = (),
 ) -> web.Application:
-    """``api`` (the admin sub-app from ``admin_api.build``) is mounted at /v1;
-    ``middlewares`` guard the probes that are not configured open (``admin_api.probe_guard``)."""
+    """``api`` (the admin sub-app from ``admin_api.build``) is mounted at /v1 and ``console``
+    (``console.pages.build``) at /ui; ``middlewares`` guard the probes that are not configured
+    open (``admin_api.probe_guard``)."""
     app = web.Application(client_max_size=1024 * 1024, middlewares=list(middlewares))
     app[READINESS] = readiness
     app[REGISTRY] = registry
@@ -74,4 +76,6 @@ def build_app(
     app.router.add_get("/metrics", metrics)
     if api is not None:
         app.add_subapp("/v1", api)
+    if console is not None:
+        app.add_subapp("/ui", console)
     return app

@@ -53,14 +53,14 @@ async def server_dsn() -> AsyncIterator[str]:
         server.stop()
 
 
-async def fresh_database(server: str) -> str:
+async def fresh_database(server: str, name: str = DATABASE) -> str:
     conn = await asyncpg.connect(server)
     try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)')
-        await conn.execute(f'CREATE DATABASE "{DATABASE}"')
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await conn.execute(f'CREATE DATABASE "{name}"')
     finally:
         await conn.close()
-    dsn = support.with_database(server, DATABASE)
+    dsn = support.with_database(server, name)
     await app.migrate_database(dsn)
     return dsn
 
