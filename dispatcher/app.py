@@ -75,10 +75,13 @@ class Dispatcher:
 
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings
+        # No session state on these connections (LISTEN has its own): skip the reset round
+        # trip on every release, which claims and acks paid each time (bench profile).
         self.pool = await db_pool.create_pool(
             s.database_url,
             min_size=2,
             max_size=8,
+            reset_session=False,
             # Read by the dead-letter trigger that writes the operational events (sql/011).
             extra_settings={db_operational.DEAD_EVENTS_SETTING: str(s.dead_events_per_minute)},
         )
@@ -142,6 +145,7 @@ class Dispatcher:
             lease_seconds=s.lease_seconds,
         )
         work = self.claimer = claimer.Claimer(repo, http_sender, self.metrics, s, health=monitor)
+        self.readiness.checks.append(work.not_ready_reason)
         route = router.Router(
             repo,
             self.metrics,

@@ -43,16 +43,27 @@ async def create_pool(
     max_size: int = 10,
     application_name: str = "dispatcher",
     extra_settings: Mapping[str, str] | None = None,
+    reset_session: bool = True,
 ) -> Any:
     """A pool whose connections carry :data:`SESSION_SETTINGS` (and ``extra_settings``:
-    session settings the schema's triggers read)."""
+    session settings the schema's triggers read; a reset keeps them, they are the session's
+    defaults).
+
+    ``reset_session=False`` is for callers that never leave session state behind (no SET,
+    LISTEN, cursors or session-level advisory locks): a released connection then skips the
+    reset statement, a round trip per release (an open transaction is still rolled back)."""
     return await asyncpg.create_pool(
         dsn,
         min_size=min_size,
         max_size=max_size,
         server_settings=server_settings(application_name, extra_settings),
         command_timeout=60,
+        reset=None if reset_session else _keep_session,
     )
+
+
+async def _keep_session(_conn: Any) -> None:
+    return None
 
 
 async def connect(dsn: str, *, application_name: str = "dispatcher") -> Any:
