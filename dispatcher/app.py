@@ -24,6 +24,7 @@ from dispatcher import (
     endpoint_health,
     gauges,
     metrics,
+    operational,
     retention,
     router,
     secretbox,
@@ -33,6 +34,7 @@ from dispatcher import (
     tracing,
 )
 from dispatcher.db import listener, management, migrate, repository
+from dispatcher.db import operational as db_operational
 from dispatcher.db import pool as db_pool
 from dispatcher.web import admin_api, probes
 from dispatcher.web.console import pages as console_pages
@@ -78,7 +80,12 @@ class Dispatcher:
         # No session state on these connections (LISTEN has its own): skip the reset round
         # trip on every release, which claims and acks paid each time (bench profile).
         self.pool = await db_pool.create_pool(
-            s.database_url, min_size=2, max_size=8, reset_session=False
+            s.database_url,
+            min_size=2,
+            max_size=8,
+            reset_session=False,
+            # Read by the dead-letter trigger that writes the operational events (sql/011).
+            extra_settings={db_operational.DEAD_EVENTS_SETTING: str(s.dead_events_per_minute)},
         )
         try:
             await migrate.require_current(self.pool)
@@ -187,6 +194,12 @@ class Dispatcher:
             asyncio.create_task(reaper.run(background_stop), name="reaper"),
             asyncio.create_task(gauge_loop.run(background_stop), name="gauges"),
             asyncio.create_task(monitor.run(background_stop, work), name="health"),
+            asyncio.create_task(
+                operational.SummaryFlusher(
+                    self.pool, interval_seconds=max(s.poll_interval_seconds, 0.05)
+                ).run(background_stop),
+                name="dead_letter_summaries",
+            ),
             asyncio.create_task(
                 retention.Pruner(self.pool, self.metrics, s.retention).run(background_stop),
                 name="retention",

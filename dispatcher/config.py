@@ -162,6 +162,9 @@ class Settings:
     # Metrics label at most this many subscriptions; the rest become subscription="other".
     metrics_max_subscriptions: int = 100
     gauge_interval_seconds: float = 5.0
+    # Operational events: past this many dispatcher.delivery.dead per subscription and
+    # minute, the rest collapse into one dispatcher.deliveries.dead_summary (0 = only that).
+    dead_events_per_minute: int = 60
     admin_token: str = dataclasses.field(repr=False, default="")
     # Which of /healthz, /readyz, /metrics answer without the admin token (by name).
     open_endpoints: tuple[str, ...] = ("healthz", "readyz", "metrics")
@@ -194,6 +197,8 @@ class Settings:
             raise ConfigError("metrics_max_subscriptions must be >= 0")
         if self.gauge_interval_seconds <= 0:
             raise ConfigError("gauge interval must be > 0")
+        if self.dead_events_per_minute < 0:
+            raise ConfigError("dead events per minute must be >= 0")
         if not self.admin_token and not is_loopback_host(self.listen_host):
             # The admin API can rewrite subscriptions; it is never served open to a network.
             raise ConfigError(

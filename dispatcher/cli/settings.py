@@ -230,6 +230,12 @@ TABLE: Final[tuple[Setting, ...]] = (
         'subscriptions labelled individually in metrics; the rest share `subscription="other"`',
     ),
     S(
+        "DISPATCHER_DEAD_EVENTS_PER_MINUTE",
+        (f"{D}.dead_events_per_minute",),
+        parse_int,
+        "dispatcher.delivery.dead events per subscription and minute; the rest are summarized",
+    ),
+    S(
         "DISPATCHER_GAUGE_INTERVAL",
         (f"{D}.gauge_interval_seconds",),
         parse_float,
