@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import asyncpg
 import structlog
 
-from dispatcher import backoff, config, limiter, metrics, model, sender
+from dispatcher import backoff, config, limiter, metrics, model, sender, tracing
 from dispatcher.db import pool as db_pool
 from dispatcher.db import repository
 
@@ -265,8 +265,10 @@ class Claimer:
         *,
         rand: Callable[[], float] = random.random,
         health: HealthReport | None = None,
+        tracer: tracing.Tracer = tracing.OFF,
     ) -> None:
         self._repo = repo
+        self._tracer = tracer
         # Every attempt's result goes to the endpoint health monitor, which owns the
         # subscription-level consequences (pause, probe, disable on 410 or a failing streak).
         self._health = health
@@ -476,10 +478,11 @@ class Claimer:
         in_flight = children.in_flight
         in_flight.inc()
         started_at = time.time()
+        span = self._tracer.attempt(job)
         released = False
         try:
             try:
-                result = await self._sender.send(job)
+                result = await self._sender.send(job, span.headers)
             except Exception as exc:  # a sender bug must not strand the delivery
                 log.exception("sender_crashed", delivery_id=job.delivery_id)
                 result = model.AttemptResult(
@@ -497,7 +500,7 @@ class Claimer:
                 # until the subscription is disabled (_conclude).
                 self.limiter.release()
                 released = True
-            await self._conclude(job, result, started_at, children)
+            await self._conclude(job, result, started_at, children, span)
         finally:
             if not released:
                 self.limiter.release()
@@ -508,6 +511,7 @@ class Claimer:
         result: model.AttemptResult,
         started_at: float,
         children: _Children,
+        span: tracing.Attempt,
     ) -> None:
         children.attempts(result.outcome.value).inc()
         children.attempt_duration.observe(result.duration_seconds)
@@ -519,9 +523,11 @@ class Claimer:
             policy=self._policy(job),
             rand=self._rand,
         )
+        span.finish(result, state)
         if state is model.DeliveryState.DELIVERED:
             children.delivered.inc()
-            children.delivery_latency.observe(max(0.0, now - job.event_created_at))
+            # With tracing on, the trace id rides along as an OpenMetrics exemplar.
+            children.delivery_latency.observe(max(0.0, now - job.event_created_at), span.exemplar())
         elif state is model.DeliveryState.DEAD:
             children.dead.inc()
         elif state is model.DeliveryState.RETRYING:

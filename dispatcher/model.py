@@ -147,3 +147,5 @@ class RouteStats:
     unmatched: int = 0
     unknown_subscription: int = 0
     deliveries: int = 0
+    # (traceparent, tracestate) of the routed events that carry a trace context.
+    traced: tuple[tuple[str, str | None], ...] = ()

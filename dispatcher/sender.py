@@ -147,7 +147,11 @@ class Sender:
             headers["accept-encoding"] = "identity"
         return headers
 
-    async def send(self, job: model.Job) -> model.AttemptResult:
+    async def send(
+        self, job: model.Job, trace_headers: Mapping[str, str] | None = None
+    ) -> model.AttemptResult:
+        """``trace_headers``: the attempt span's ``traceparent``/``tracestate`` (tracing on);
+        set after the subscription's custom headers, so those cannot forge them."""
         started = time.monotonic()
         try:
             if job.problem is not None:
@@ -155,6 +159,8 @@ class Sender:
             if self._guard is not None:
                 self._guard(job.url)
             headers = self.build_headers(job, int(self._clock()))
+            if trace_headers:
+                headers.update(trace_headers)
             # Bounds the whole attempt, body read included (a trickling body is cut at the
             # deadline: tests/chaos).
             async with asyncio.timeout(self._request_timeout_seconds):

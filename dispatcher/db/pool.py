@@ -6,6 +6,7 @@ claimers of other replicas are waiting on.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import asyncpg
@@ -33,8 +34,10 @@ SESSION_SETTINGS = {
 }
 
 
-def server_settings(application_name: str = "dispatcher") -> dict[str, str]:
-    return {**SESSION_SETTINGS, "application_name": application_name}
+def server_settings(
+    application_name: str = "dispatcher", extra: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    return {**SESSION_SETTINGS, "application_name": application_name, **(extra or {})}
 
 
 async def create_pool(
@@ -43,9 +46,12 @@ async def create_pool(
     min_size: int = 1,
     max_size: int = 10,
     application_name: str = "dispatcher",
+    extra_settings: Mapping[str, str] | None = None,
     reset_session: bool = True,
 ) -> Any:
-    """A pool whose connections carry :data:`SESSION_SETTINGS`.
+    """A pool whose connections carry :data:`SESSION_SETTINGS` (and ``extra_settings``:
+    session settings the schema's triggers read; a reset keeps them, they are the session's
+    defaults).
 
     ``reset_session=False`` is for callers that never leave session state behind (no SET,
     LISTEN, cursors or session-level advisory locks): a released connection then skips the
@@ -54,7 +60,7 @@ async def create_pool(
         dsn,
         min_size=min_size,
         max_size=max_size,
-        server_settings=server_settings(application_name),
+        server_settings=server_settings(application_name, extra_settings),
         command_timeout=60,
         reset=None if reset_session else _keep_session,
     )

@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 
 from dispatcher import model, secretbox
+from dispatcher.db import operational
 
 WORK_CHANNEL = "dispatcher_work"
 OUTBOX_CHANNEL = "dispatcher_outbox"
@@ -39,7 +40,9 @@ class Reclaimed:
 _ROUTE_SQL = """
 -- Lock a batch of unrouted events (SKIP LOCKED: replicas route disjoint batches), create one
 -- delivery per matching subscription (the unique key makes a retried routing a no-op), and
--- mark the events routed in the same transaction.
+-- mark the events routed in the same transaction. '*' matches every type but the dispatcher's
+-- own operational events ('dispatcher.…', sql/011): those go only to subscriptions that name
+-- them, so no existing catch-all subscription starts receiving them.
 WITH batch AS (
     SELECT o.id, o.event_type, o.subscription_id, o.ordering_key, o.created_at
     FROM webhook_outbox o
@@ -66,6 +69,7 @@ WITH batch AS (
     CROSS JOIN LATERAL (
         SELECT p.subscription_id FROM webhook_subscription_patterns p
         WHERE p.pattern = ANY (dispatcher_type_patterns(b.event_type))
+          AND (p.pattern <> '*' OR NOT starts_with(b.event_type, 'dispatcher.'))
     ) m
     JOIN webhook_subscriptions s ON s.id = m.subscription_id
     WHERE b.subscription_id IS NULL AND s.enabled
@@ -97,7 +101,7 @@ FROM batch b
 LEFT JOIN fanout f ON f.outbox_id = b.id
 WHERE o.id = b.id
 RETURNING o.route_result, o.delivery_count, (SELECT count(*) FROM created) AS created,
-          (SELECT count(*) FROM notified) AS notified
+          (SELECT count(*) FROM notified) AS notified, o.traceparent, o.tracestate
 """
 
 # Both apply results fenced on the lease token (sql/007_engine.sql); the second also claims
@@ -280,6 +284,7 @@ class Repository:
             unmatched=results.count("unmatched"),
             unknown_subscription=results.count("unknown_subscription"),
             deliveries=rows[0]["created"] if rows else 0,
+            traced=tuple((r["traceparent"], r["tracestate"]) for r in rows if r["traceparent"]),
         )
 
     # -- claiming and acknowledging --------------------------------------------------------
@@ -347,8 +352,13 @@ class Repository:
 
     # -- subscriptions ---------------------------------------------------------------------
 
-    async def disable_subscription(self, subscription_id: str, reason: str) -> bool:
+    async def disable_subscription(
+        self, subscription_id: str, reason: str, *, kind: str = operational.OPERATOR
+    ) -> bool:
+        """Disable and park; ``kind`` (operator | gone | failing) is the reason the
+        operational event announces (sql/011). False when it was already disabled."""
         async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(operational.MARK_CHANGE_SQL, kind)
             # Row lock (FOR UPDATE via UPDATE) waits for a claim in progress on this subscription.
             was_enabled = await conn.fetchval(
                 "SELECT enabled FROM webhook_subscriptions WHERE id = $1 FOR UPDATE",

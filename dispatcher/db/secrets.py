@@ -12,6 +12,7 @@ import uuid
 from typing import Any
 
 from dispatcher import secretbox
+from dispatcher.db import operational
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -59,14 +60,18 @@ async def reencrypt(pool: Any, box: secretbox.SecretBox, *, batch: int = 100) ->
             seen += 1
             current, previous = row["secret"], row["previous_secret"]
             while box.needs_reseal(current) or box.needs_reseal(previous):
-                status = await pool.execute(
-                    _RESEAL_SQL,
-                    row["id"],
-                    box.seal(box.open(current)),
-                    None if previous is None else box.seal(box.open(previous)),
-                    current,
-                    previous,
-                )
+                async with pool.acquire() as conn, conn.transaction():
+                    # Same secret, new envelope: the operational-event trigger (sql/011)
+                    # announces no rotation for it.
+                    await conn.execute(operational.MARK_CHANGE_SQL, operational.RESEAL)
+                    status = await conn.execute(
+                        _RESEAL_SQL,
+                        row["id"],
+                        box.seal(box.open(current)),
+                        None if previous is None else box.seal(box.open(previous)),
+                        current,
+                        previous,
+                    )
                 if status.endswith(" 1"):
                     resealed += 1
                     break

@@ -88,19 +88,25 @@ async def test_terminated_backends_are_replaced_by_the_pool(pool: Any, dsn: str)
         )
         assert killed == 3
 
-        async def replaced() -> bool:
-            now = {r["pid"] for r in await pool.fetch(query)}
-            return not (now & before)
+        async def gone() -> bool:
+            return not ({r["pid"] for r in await pool.fetch(query)} & before)
 
-        # asyncpg notices the closed sockets of idle connections and reconnects them.
-        await support.wait_for(replaced, timeout=5, message="backends replaced")
-        failures = 0
-        for _ in range(6):
+        await support.wait_for(gone, timeout=5, message="backends terminated")
+        # asyncpg reconnects a slot on acquire once it has seen the socket close; a slot whose
+        # close it has not read yet fails one call (ConnectionDoesNotExistError), which the
+        # dispatcher's loops retry. So: each dead connection costs at most one failed call,
+        # and then every call succeeds on new backends.
+        outcomes = []
+        for _ in range(9):
             try:
-                assert await dispatcher_pool.fetchval("SELECT 1") == 1
+                outcomes.append(await dispatcher_pool.fetchval("SELECT 1") == 1)
             except db_pool.ERRORS:
-                failures += 1  # a caller's retry loop would absorb these
-        assert failures == 0
+                outcomes.append(False)
+        assert outcomes.count(False) <= 3
+        assert all(outcomes[-3:])
+        now = {r["pid"] for r in await pool.fetch(query)}
+        assert now
+        assert not (now & before)
     finally:
         await dispatcher_pool.close()
 
