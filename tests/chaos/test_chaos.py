@@ -935,15 +935,7 @@ async def test_poison_row_is_quarantined_and_every_other_delivery_goes_out(
     UTF-8: the client cannot be handed it. A real `dispatcher run` dead-letters that one
     delivery with a reason that does not quote it, stays up, and delivers everything else
     with one attempt each."""
-    name = f"t_chaos_ascii_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(server_dsn)
-    await admin.execute(
-        f"CREATE DATABASE \"{name}\" ENCODING 'SQL_ASCII' TEMPLATE template0 "
-        "LC_COLLATE 'C' LC_CTYPE 'C'"
-    )
-    dsn = support.with_database(server_dsn, name)
-    try:
-        await app.migrate_database(dsn)
+    async with support.sql_ascii_database(server_dsn) as dsn:
         pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
         try:
             names: dict[str, str] = {}
@@ -988,8 +980,5 @@ async def test_poison_row_is_quarantined_and_every_other_delivery_goes_out(
                 "1 attempt each; process up and ready",
             )
         finally:
+            kill_all(procs)
             await pool.close()
-    finally:
-        kill_all(procs)
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()

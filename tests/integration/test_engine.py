@@ -315,15 +315,7 @@ async def test_an_unreadable_row_is_quarantined_and_the_rest_keeps_flowing(
     """In a SQL_ASCII database a payload with bytes that are not UTF-8 cannot be sent to the
     client: every claim that reached it used to fail. It is dead-lettered alone, with an
     error that does not quote it, and every other event is delivered."""
-    name = f"t_ascii_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(server_dsn)
-    await admin.execute(
-        f"CREATE DATABASE \"{name}\" ENCODING 'SQL_ASCII' TEMPLATE template0 "
-        "LC_COLLATE 'C' LC_CTYPE 'C'"
-    )
-    dsn = support.with_database(server_dsn, name)
-    try:
-        await app.migrate_database(dsn)
+    async with support.sql_ascii_database(server_dsn) as dsn:
         pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
         try:
             repo = repository.Repository(pool)
@@ -365,9 +357,6 @@ async def test_an_unreadable_row_is_quarantined_and_the_rest_keeps_flowing(
             assert sorted(receiver.ids()) == sorted(f"evt_{g}" for g in range(1, 11))
         finally:
             await pool.close()
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 async def test_a_capped_subscriptions_next_slot_goes_to_the_replica_waiting_for_it(
