@@ -1,4 +1,5 @@
-"""Print the requirements the container image installs: the wheel's own, minus ``pgserver``.
+"""Print the requirements the container image installs: the wheel's own and its ``tracing``
+extra (OpenTelemetry, off until an OTLP endpoint is configured), minus ``pgserver``.
 
 ``pgserver`` (the embedded Postgres) is what lets ``make demo`` run with nothing but Python.
 A container always gets ``DATABASE_URL`` and never starts it, and it ships wheels for x86-64
@@ -19,10 +20,13 @@ import zipfile
 from pathlib import Path
 
 LEFT_OUT = {"pgserver"}
+INCLUDED_EXTRAS = {"tracing"}
+_EXTRA = re.compile(r"""^\s*extra\s*==\s*["']([a-z0-9_-]+)["']\s*$""")
 
 
 def requirements(wheel: Path) -> list[str]:
-    """The wheel's unconditional Requires-Dist lines (extras excluded), minus LEFT_OUT."""
+    """The wheel's unconditional Requires-Dist lines and those of INCLUDED_EXTRAS (without
+    their marker), minus LEFT_OUT."""
     with zipfile.ZipFile(wheel) as archive:
         (metadata,) = [n for n in archive.namelist() if n.endswith(".dist-info/METADATA")]
         message = email.message_from_bytes(archive.read(metadata))
@@ -32,9 +36,16 @@ def requirements(wheel: Path) -> list[str]:
         if match is None:
             raise ValueError(f"unreadable requirement {requirement!r}")
         name = re.sub(r"[-_.]+", "-", match.group()).lower()
-        if "extra ==" in requirement or name in LEFT_OUT:
+        if name in LEFT_OUT:
             continue
-        kept.append(requirement)
+        spec, _, marker = requirement.partition(";")
+        if "extra ==" in marker:
+            extra = _EXTRA.match(marker)
+            if extra is None or extra.group(1) not in INCLUDED_EXTRAS:
+                continue
+            kept.append(spec.strip())
+        else:
+            kept.append(requirement)
     return kept
 
 

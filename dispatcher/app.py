@@ -3,7 +3,7 @@ the stop event and the staged shutdown. Nothing else creates long-lived resource
 
 Shutdown order: readiness off → stop claiming and routing → drain requests on the wire
 (bounded grace) → release leases left → flush acks → stop background loops → close HTTP
-session → close pool → stop the admin listener.
+session → export the last spans (bounded) → close pool → stop the admin listener.
 """
 
 from __future__ import annotations
@@ -25,14 +25,17 @@ from dispatcher import (
     gauges,
     logs,
     metrics,
+    operational,
     retention,
     router,
     secretbox,
     sender,
     signing,
     ssrf,
+    tracing,
 )
 from dispatcher.db import listener, management, migrate, repository
+from dispatcher.db import operational as db_operational
 from dispatcher.db import pool as db_pool
 from dispatcher.web import admin_api, probes
 from dispatcher.web.console import pages as console_pages
@@ -68,13 +71,23 @@ class Dispatcher:
         self.pool: Any = None
         self.repo: repository.Repository | None = None
         self.claimer: claimer.Claimer | None = None
+        self.tracer: tracing.Tracer = tracing.OFF
         self.readiness: probes.Readiness | None = None
         self.bound_port: int | None = None
         self.ready = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings
-        self.pool = await db_pool.create_pool(s.database_url, min_size=2, max_size=8)
+        # No session state on these connections (LISTEN has its own): skip the reset round
+        # trip on every release, which claims and acks paid each time (bench profile).
+        self.pool = await db_pool.create_pool(
+            s.database_url,
+            min_size=2,
+            max_size=8,
+            reset_session=False,
+            # Read by the dead-letter trigger that writes the operational events (sql/011).
+            extra_settings={db_operational.DEAD_EVENTS_SETTING: str(s.dead_events_per_minute)},
+        )
         try:
             await migrate.require_current(self.pool)
             await self._serve(stop)
@@ -134,13 +147,18 @@ class Dispatcher:
             worker=s.worker_id,
             lease_seconds=s.lease_seconds,
         )
-        work = self.claimer = claimer.Claimer(repo, http_sender, self.metrics, s, health=monitor)
+        tracer = self.tracer = tracing.start(s.tracing, version=__version__)
+        work = self.claimer = claimer.Claimer(
+            repo, http_sender, self.metrics, s, health=monitor, tracer=tracer
+        )
+        self.readiness.checks.append(work.not_ready_reason)
         route = router.Router(
             repo,
             self.metrics,
             batch=s.route_batch,
             poll_interval_seconds=s.poll_interval_seconds,
             on_routed=work.wake,
+            tracer=tracer,
         )
         reaper = router.Reaper(
             repo,
@@ -177,6 +195,12 @@ class Dispatcher:
             asyncio.create_task(reaper.run(background_stop), name="reaper"),
             asyncio.create_task(gauge_loop.run(background_stop), name="gauges"),
             asyncio.create_task(monitor.run(background_stop, work), name="health"),
+            asyncio.create_task(
+                operational.SummaryFlusher(
+                    self.pool, interval_seconds=max(s.poll_interval_seconds, 0.05)
+                ).run(background_stop),
+                name="dead_letter_summaries",
+            ),
             asyncio.create_task(
                 retention.Pruner(self.pool, self.metrics, s.retention).run(background_stop),
                 name="retention",
@@ -216,6 +240,7 @@ class Dispatcher:
                 task.cancel()
             await session.close()
             await resolver.close()  # aiohttp does not close a resolver it was given
+            await tracer.shutdown()
             await runner.cleanup()
             log.info("dispatcher_stopped", released=released, stale_acks=work.acks.stale)
 

@@ -3,6 +3,14 @@
 The claimer decides what happens after each attempt (delivered, retry later, dead, park);
 the sender only classifies. No database connection is held while a request is on the wire:
 claims and acks are short statements, and acks are written in batches by ``AckWriter``.
+
+Capacity returns on events, not timers. New work wakes the claim loop (NOTIFY, the poll,
+a retry coming due). A finished request frees its slot; its result is written with the next
+claim in the same round trip (``Repository.complete_and_claim``) when more work is known to
+wait: the last claim came back full, or the request's subscription was held back by its own
+max_in_flight (``Job.capped``), or new work arrived while every slot was busy. Slots are
+reserved in the process-wide limiter before a claim asks for them, so the two paths that
+claim never overcommit.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from typing import Any, Protocol
 import asyncpg
 import structlog
 
-from dispatcher import backoff, config, limiter, logs, metrics, model, sender
+from dispatcher import backoff, config, limiter, logs, metrics, model, sender, tracing
 from dispatcher.db import pool as db_pool
 from dispatcher.db import repository
 
@@ -30,13 +38,20 @@ BAD_ROW_ERRORS = (
     asyncpg.IntegrityConstraintViolationError,
     asyncpg.ProgramLimitExceededError,
 )
-# While the queue is backlogged, free slots wait at most this long for a refill batch.
-REFILL_LINGER_SECONDS = 0.005
-# While it is not, returned capacity (finished requests, written acks) is re-checked after
-# this long rather than at once: new work wakes the claimer by itself (NOTIFY), and only a
-# subscription held back by its max_in_flight needs the re-check. Claiming on every finished
-# request meant an empty claim per delivery at low rates, which delayed the next real one.
-CAPACITY_RECHECK_SECONDS = 0.02
+
+
+# Consecutive failed claims after which readiness reports the process unready (the retry
+# delay doubles from 50 ms, so about 1.5 s of failing). The database may still answer pings:
+# a row or a function that breaks every claim must not look healthy.
+CLAIM_FAILURES_UNREADY = 5
+
+
+def _no_refill() -> int:
+    return 0
+
+
+def _nothing() -> None:
+    return None
 
 
 class HealthReport(Protocol):
@@ -84,8 +99,11 @@ def decide(
 class AckWriter:
     """Writes attempt results in batches: whatever queued up while the last write ran.
 
-    Results survive database errors (kept and retried); if the process dies first, the lease
-    expires and the delivery is sent again (at-least-once)."""
+    Before each write it asks ``refill`` how many slots to claim for in the same round trip
+    (already reserved by the caller; 0 = write only) and hands what it claimed, with the
+    number of slots it reserved, to ``on_claimed``. Results survive database errors (kept and
+    retried); if the process dies first, the lease expires and the delivery is sent again
+    (at-least-once)."""
 
     def __init__(
         self,
@@ -95,12 +113,20 @@ class AckWriter:
         *,
         batch: int,
         on_written: Callable[[], None],
+        refill: Callable[[], int] = _no_refill,
+        on_claimed: Callable[[list[model.Job], int], None] | None = None,
+        on_claim_failed: Callable[[], None] = _nothing,
+        lease_seconds: float = 60.0,
     ) -> None:
         self._repo = repo
         self._worker = worker
         self._metrics = m
         self._batch = batch
         self._on_written = on_written
+        self._refill = refill
+        self._on_claimed = on_claimed
+        self._on_claim_failed = on_claim_failed
+        self._lease_seconds = lease_seconds
         self._queue: asyncio.Queue[model.Ack] = asyncio.Queue()
         self.stale = 0
 
@@ -117,13 +143,37 @@ class AckWriter:
             while len(acks) < self._batch and not self._queue.empty():
                 acks.append(self._queue.get_nowait())
             closing = any(a is _CLOSE for a in acks)
-            await self._write([a for a in acks if a is not _CLOSE])
+            acks = [a for a in acks if a is not _CLOSE]
+            if acks:
+                want = self._refill() if self._on_claimed is not None else 0
+                if want > 0:
+                    await self._write_and_claim(acks, want)
+                else:
+                    await self._write(acks)
             if closing and self._queue.empty():
                 return
 
     def close(self) -> None:
         """Ask ``run()`` to return once everything queued so far is written."""
         self._queue.put_nowait(_CLOSE)
+
+    async def _write_and_claim(self, acks: list[model.Ack], want: int) -> None:
+        assert self._on_claimed is not None
+        try:
+            applied, jobs = await self._repo.complete_and_claim(
+                acks, self._worker, want, self._lease_seconds
+            )
+        except (*BAD_ROW_ERRORS, *db_pool.ERRORS) as exc:
+            # One transaction: neither part happened. Give the slots back and write the
+            # results the careful way (split around bad rows, retried through outages).
+            self._on_claimed([], want)
+            self._on_claim_failed()
+            if not isinstance(exc, BAD_ROW_ERRORS):
+                log.warning("ack_write_failed", error=logs.error_text(exc), results=len(acks))
+            await self._write(acks)
+            return
+        self._on_claimed(jobs, want)
+        self._applied(acks, applied)
 
     async def _write(self, acks: list[model.Ack]) -> None:
         if not acks:
@@ -157,6 +207,9 @@ class AckWriter:
                 )
                 await asyncio.sleep(delay)  # production back-off between database retries
                 delay = min(delay * 2, 5.0)
+        self._applied(acks, applied)
+
+    def _applied(self, acks: list[model.Ack], applied: set[int]) -> None:
         stale = len(acks) - len(applied)
         if stale:
             self.stale += stale
@@ -210,8 +263,10 @@ class Claimer:
         *,
         rand: Callable[[], float] = random.random,
         health: HealthReport | None = None,
+        tracer: tracing.Tracer = tracing.OFF,
     ) -> None:
         self._repo = repo
+        self._tracer = tracer
         # Every attempt's result goes to the endpoint health monitor, which owns the
         # subscription-level consequences (pause, probe, disable on 410 or a failing streak).
         self._health = health
@@ -221,19 +276,25 @@ class Claimer:
         self._rand = rand
         self.limiter = limiter.GlobalLimiter(settings.max_in_flight)
         self.acks = AckWriter(
-            repo, settings.worker_id, m, batch=settings.ack_batch, on_written=self._nudge
+            repo,
+            settings.worker_id,
+            m,
+            batch=settings.ack_batch,
+            on_written=_nothing,
+            refill=self._refill_slots,
+            on_claimed=self._claimed,
+            on_claim_failed=self.wake,
+            lease_seconds=settings.lease_seconds,
         )
         # Bound once: the module-level proxy re-binds on every call while loggers are not
         # cached (logs.py), ~3 % of the CPU of a delivery for the canonical line (bench).
         self._log = log.bind()
         self._wake = asyncio.Event()
-        # A claim is one statement with a fixed cost of a few ms. While the last claim came
-        # back full (more work is queued), slots are refilled in batches of ``_refill``
-        # instead of one claim per finished request: claiming 1-5 rows a statement spent
-        # more database time on claims than on the deliveries (bench notes, profile).
-        self._refill = max(1, min(settings.claim_batch, settings.max_in_flight // 4))
+        # Why the next ack write should also claim (see the module docstring): the last claim
+        # came back full; a request of a subscription held back by its cap finished; new work
+        # was announced while every slot was busy.
         self._backlogged = False
-        self._recheck: asyncio.TimerHandle | None = None
+        self._refill_wanted = False
         # Metric children per subscription label: ``labels()`` is a locked dict lookup, and
         # an attempt touched six of them (bench profile).
         self._children: dict[str, _Children] = {}
@@ -241,62 +302,143 @@ class Claimer:
         self._claiming = True
         self._tasks: dict[asyncio.Task[None], model.Job] = {}
         self._next_due = float("inf")
+        self._claim_failures = 0
+        self._failing_since: float | None = None
+        m.claim_failing_seconds.set_function(self.claim_failing_seconds)
 
     # -- wake-ups --------------------------------------------------------------------------
 
     def wake(self) -> None:
         self._wake.set()
 
-    def _nudge(self) -> None:
-        """Capacity came back (a request finished or acks were written: the database counts
-        in-flight rows until their ack). Backlogged: wake the claim loop once a refill batch
-        is free. Otherwise: re-check a little later (see CAPACITY_RECHECK_SECONDS)."""
-        if self._backlogged:
-            if self.limiter.free() >= self._refill:
-                self._wake.set()
-        elif self._recheck is None:
-            self._recheck = asyncio.get_running_loop().call_later(
-                CAPACITY_RECHECK_SECONDS, self._recheck_due
-            )
-
-    def _recheck_due(self) -> None:
-        self._recheck = None
-        self._wake.set()
-
     def _schedule(self, delay_seconds: float) -> None:
         self._next_due = min(self._next_due, time.monotonic() + delay_seconds)
+
+    def _reserve(self) -> int:
+        """Take the free slots a claim may fill (at most a claim batch) from the limiter."""
+        want = min(self.limiter.free(), self._settings.claim_batch)
+        if want > 0:
+            self.limiter.acquire(want)
+        return want
+
+    def _refill_slots(self) -> int:
+        """For the ack writer: slots to claim with this write (reserved), or 0."""
+        if not self._claiming or not (self._backlogged or self._refill_wanted):
+            return 0
+        want = self._reserve()
+        if want > 0:
+            self._refill_wanted = False
+        return want
+
+    def _claimed(self, jobs: list[model.Job], reserved: int) -> None:
+        """Start what a claim returned on its reserved slots; give back the rest."""
+        for job in jobs:
+            self._start(job)
+        if reserved > len(jobs):
+            self.limiter.release(reserved - len(jobs))
+        self._backlogged = len(jobs) == reserved
 
     # -- main loop -------------------------------------------------------------------------
 
     async def run(self) -> None:
+        """Claims when woken (new work, the poll, a retry coming due). Capacity freed by
+        finished requests is refilled by the ack writer, in the round trip of their acks."""
         s = self._settings
         db_delay = 0.05
         while self._claiming:
-            free = self.limiter.free()
-            if free <= 0:
-                self._wake.clear()
-                await self._idle(s.poll_interval_seconds)  # _done wakes at the first free slot
-                continue
-            if self._backlogged and free < self._refill:
-                self._wake.clear()
-                await self._idle(REFILL_LINGER_SECONDS)  # woken early at `_refill` free slots
-            want = min(self.limiter.free(), s.claim_batch)
-            if want <= 0:
-                continue
             self._wake.clear()
+            want = self._reserve()
+            if want <= 0:
+                # Every slot is busy: the next ack write claims for the new work.
+                self._refill_wanted = True
+                await self._idle(s.poll_interval_seconds)
+                continue
             try:
-                jobs = await self._repo.claim(s.worker_id, want, s.lease_seconds)
+                jobs = await self._claim(want)
                 db_delay = 0.05
+                self._claim_failures = 0
+                self._failing_since = None
             except db_pool.ERRORS as exc:
+                self._claim_failures += 1
+                if self._failing_since is None:
+                    self._failing_since = time.monotonic()
+                self._claimed([], want)
                 log.warning("claim_failed", error=logs.error_text(exc), retry_in=db_delay)
                 await self._idle(db_delay)
                 db_delay = min(db_delay * 2, 5.0)
                 continue
-            for job in jobs:
-                self._start(job)
-            self._backlogged = len(jobs) == want
+            self._claimed(jobs, want)
             if not self._backlogged and self._claiming:
                 await self._idle(self._idle_timeout())
+
+    async def _claim(self, want: int) -> list[model.Job]:
+        s = self._settings
+        try:
+            return await self._repo.claim(s.worker_id, want, s.lease_seconds)
+        except BAD_ROW_ERRORS as exc:
+            # One row the client cannot be handed (bytes that are not UTF-8 in a SQL_ASCII
+            # database, say) fails the whole statement, and would fail every claim that
+            # reaches it: claim without contents, read them back by id, and quarantine the
+            # rows that cannot be read. The others go out as usual.
+            log.warning("claim_rows_unreadable", error=type(exc).__name__, wanted=want)
+            leases = await self._repo.claim_leases(s.worker_id, want, s.lease_seconds)
+            return await self._read_isolating(leases)
+
+    async def _read_isolating(self, leases: list[repository.Lease]) -> list[model.Job]:
+        if not leases:
+            return []
+        try:
+            return await self._repo.jobs_for(leases)
+        except BAD_ROW_ERRORS as exc:
+            if len(leases) == 1:
+                self._quarantine(leases[0], exc)
+                return []
+            half = len(leases) // 2
+            return await self._read_isolating(leases[:half]) + await self._read_isolating(
+                leases[half:]
+            )
+
+    def _quarantine(self, lease: repository.Lease, exc: BaseException) -> None:
+        """Dead-letter a delivery whose row cannot be read: it can never be sent as stored.
+        The database's message is not kept (it can quote the row's bytes)."""
+        error = f"unreadable row ({type(exc).__name__}): its contents cannot be sent as stored"
+        children = self._metric_children(lease.subscription_id)
+        children.attempts(model.Outcome.OTHER.value).inc()
+        children.dead.inc()
+        self._log.error(
+            "delivery_quarantined",
+            delivery_id=lease.delivery_id,
+            subscription=lease.subscription_id,
+            attempt=lease.attempt,
+            error=type(exc).__name__,
+        )
+        self.acks.put(
+            model.Ack(
+                delivery_id=lease.delivery_id,
+                lease_token=lease.lease_token,
+                attempt=lease.attempt,
+                state=model.DeliveryState.DEAD,
+                delay_seconds=None,
+                status=None,
+                error=error,
+                started_at=time.time(),
+                duration_ms=0.0,
+                outcome=model.Outcome.OTHER.value,
+                response=None,
+            )
+        )
+
+    def claim_failing_seconds(self) -> float:
+        """How long claims have failed without a success (0 while they succeed)."""
+        if self._failing_since is None:
+            return 0.0
+        return time.monotonic() - self._failing_since
+
+    def not_ready_reason(self) -> str | None:
+        """For readiness: why this process cannot claim, or None."""
+        if self._claim_failures < CLAIM_FAILURES_UNREADY:
+            return None
+        return f"claims failing for {self.claim_failing_seconds():.0f}s"
 
     def _idle_timeout(self) -> float:
         until_due = self._next_due - time.monotonic()
@@ -312,18 +454,13 @@ class Claimer:
             await asyncio.wait_for(self._wake.wait(), timeout)
 
     def _start(self, job: model.Job) -> None:
-        self.limiter.acquire()
+        """Send a job on a slot already reserved for it."""
         task = asyncio.create_task(self._deliver(job))
         self._tasks[task] = job
         task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.pop(task, None)
-        self.limiter.release()
-        if self._backlogged and self.limiter.free() == 1:
-            self._wake.set()  # the first slot after a full pipe starts the refill linger
-        else:
-            self._nudge()
 
     # -- one delivery ----------------------------------------------------------------------
 
@@ -339,20 +476,32 @@ class Claimer:
         in_flight = children.in_flight
         in_flight.inc()
         started_at = time.time()
+        span = self._tracer.attempt(job)
+        released = False
         try:
-            result = await self._sender.send(job)
-        except Exception as exc:  # a sender bug must not strand the delivery
-            log.exception("sender_crashed", delivery_id=job.delivery_id)
-            result = model.AttemptResult(
-                verdict=model.Verdict.RETRYABLE,
-                outcome=model.Outcome.OTHER,
-                status=None,
-                error=f"internal: {type(exc).__name__}",
-                duration_seconds=time.time() - started_at,
-            )
+            try:
+                result = await self._sender.send(job, span.headers)
+            except Exception as exc:  # a sender bug must not strand the delivery
+                log.exception("sender_crashed", delivery_id=job.delivery_id)
+                result = model.AttemptResult(
+                    verdict=model.Verdict.RETRYABLE,
+                    outcome=model.Outcome.OTHER,
+                    status=None,
+                    error=f"internal: {type(exc).__name__}",
+                    duration_seconds=time.time() - started_at,
+                )
+            finally:
+                in_flight.dec()
+            if result.verdict is not model.Verdict.GONE:
+                # The slot is free once the request is over (before its ack is queued, so
+                # the write that carries the ack can claim for it). After a 410 it is held
+                # until the subscription is disabled (_conclude).
+                self.limiter.release()
+                released = True
+            await self._conclude(job, result, started_at, children, span)
         finally:
-            in_flight.dec()
-        await self._conclude(job, result, started_at, children)
+            if not released:
+                self.limiter.release()
 
     async def _conclude(
         self,
@@ -360,6 +509,7 @@ class Claimer:
         result: model.AttemptResult,
         started_at: float,
         children: _Children,
+        span: tracing.Attempt,
     ) -> None:
         children.attempts(result.outcome.value).inc()
         children.attempt_duration.observe(result.duration_seconds)
@@ -371,9 +521,11 @@ class Claimer:
             policy=self._policy(job),
             rand=self._rand,
         )
+        span.finish(result, state)
         if state is model.DeliveryState.DELIVERED:
             children.delivered.inc()
-            children.delivery_latency.observe(max(0.0, now - job.event_created_at))
+            # With tracing on, the trace id rides along as an OpenMetrics exemplar.
+            children.delivery_latency.observe(max(0.0, now - job.event_created_at), span.exemplar())
         elif state is model.DeliveryState.DEAD:
             children.dead.inc()
         elif state is model.DeliveryState.RETRYING:
@@ -419,6 +571,8 @@ class Claimer:
                 manual=job.manual,
             )
         )
+        if job.capped and result.verdict is not model.Verdict.GONE:
+            self._refill_wanted = True
         if delay is not None:
             self._schedule(delay)
         if self._health is not None:
@@ -453,6 +607,7 @@ class Claimer:
         or the claimer is stopping; the caller then hands the lease back."""
         if not self._claiming or self.limiter.free() <= 0:
             return False
+        self.limiter.acquire()
         self._start(job)
         return True
 

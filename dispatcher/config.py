@@ -107,6 +107,18 @@ class RetentionPolicy:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class TracingSettings:
+    """OpenTelemetry trace export (see :mod:`dispatcher.tracing`), from OpenTelemetry's own
+    variables. ``Settings.tracing`` is None while tracing is off."""
+
+    endpoint: str  # the OTLP/HTTP traces URL
+    service_name: str = "dispatcher"
+    sampler: str = "parentbased_always_on"
+    sampler_ratio: float = 1.0
+    export_delay_seconds: float = 5.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class LogSettings:
     """How every command logs (see :mod:`dispatcher.logs`)."""
 
@@ -150,6 +162,9 @@ class Settings:
     # Metrics label at most this many subscriptions; the rest become subscription="other".
     metrics_max_subscriptions: int = 100
     gauge_interval_seconds: float = 5.0
+    # Operational events: past this many dispatcher.delivery.dead per subscription and
+    # minute, the rest collapse into one dispatcher.deliveries.dead_summary (0 = only that).
+    dead_events_per_minute: int = 60
     admin_token: str = dataclasses.field(repr=False, default="")
     # Which of /healthz, /readyz, /metrics answer without the admin token (by name).
     open_endpoints: tuple[str, ...] = ("healthz", "readyz", "metrics")
@@ -162,6 +177,8 @@ class Settings:
     secret_keys: str = dataclasses.field(repr=False, default="")
     endpoint_health: EndpointHealthPolicy = dataclasses.field(default_factory=EndpointHealthPolicy)
     retention: RetentionPolicy = dataclasses.field(default_factory=RetentionPolicy)
+    # None: tracing off (no OTLP endpoint configured).
+    tracing: TracingSettings | None = None
 
     def __post_init__(self) -> None:
         if self.max_in_flight < 1 or self.claim_batch < 1 or self.route_batch < 1:
@@ -180,6 +197,8 @@ class Settings:
             raise ConfigError("metrics_max_subscriptions must be >= 0")
         if self.gauge_interval_seconds <= 0:
             raise ConfigError("gauge interval must be > 0")
+        if self.dead_events_per_minute < 0:
+            raise ConfigError("dead events per minute must be >= 0")
         if not self.admin_token and not is_loopback_host(self.listen_host):
             # The admin API can rewrite subscriptions; it is never served open to a network.
             raise ConfigError(

@@ -36,8 +36,8 @@ import structlog
 
 from dispatcher import config, logs, metrics, model
 from dispatcher.db import health as db_health
+from dispatcher.db import operational, repository
 from dispatcher.db import pool as db_pool
-from dispatcher.db import repository
 
 log = structlog.get_logger("dispatcher.health")
 
@@ -100,6 +100,7 @@ class _Sub:
     success_flushed_at: float = float("-inf")
     success_due: bool = False
     trip_reason: str | None = None
+    trip_ratio: float | None = None
 
 
 class ProbeRunner(Protocol):
@@ -184,7 +185,7 @@ class Monitor:
         """The endpoint answered 410: disable its subscription now (its delivery is already
         parked by its ack). A failed write is retried by the loop."""
         try:
-            await self._disable(job.subscription_id, GONE_REASON, kind="gone")
+            await self._disable(job.subscription_id, GONE_REASON, kind=operational.GONE)
         except db_pool.ERRORS as exc:
             log.error(
                 "subscription_disable_failed",
@@ -205,6 +206,7 @@ class Monitor:
                 f"circuit breaker: {failed} of {total} attempts failed in the last "
                 f"{p.breaker_window_seconds:g}s"
             )
+            sub.trip_ratio = failed / total
             sub.window.clear()  # a fresh window after the pause
             self._kick.set()
 
@@ -275,8 +277,10 @@ class Monitor:
                 hold_seconds=self._lease + PROBE_GRACE_SECONDS,
                 extend=False,
                 max_pause_seconds=p.max_pause_seconds,
+                failure_ratio=sub.trip_ratio,
             )
             sub.trip_reason = None
+            sub.trip_ratio = None
             if secs is not None:
                 self._paused(sid, reason, secs)
 
@@ -323,7 +327,7 @@ class Monitor:
     async def _disable_gone(self) -> None:
         for sid in sorted(self._gone):
             # The delivery is already parked by its ack; a failed write is retried next pass.
-            await self._disable(sid, GONE_REASON, kind="gone")
+            await self._disable(sid, GONE_REASON, kind=operational.GONE)
             self._gone.discard(sid)
 
     async def _disable_failing(self) -> None:
@@ -334,15 +338,15 @@ class Monitor:
             reason = (
                 f"failing continuously since {failing_since.isoformat()} (more than {window:g}s)"
             )
-            await self._disable(sid, reason, kind="failing")
+            await self._disable(sid, reason, kind=operational.FAILING)
 
     async def _disable(self, subscription_id: str, reason: str, *, kind: str) -> None:
         """The one place a subscription is disabled automatically; ``kind`` is the metric's
         ``reason`` label (gone | failing)."""
-        if not await self._repo.disable_subscription(subscription_id, reason):
+        if not await self._repo.disable_subscription(subscription_id, reason, kind=kind):
             return  # already disabled (another replica, or an operator)
         self._metrics.subscriptions_disabled.labels(reason=kind).inc()
-        if kind == "failing":
+        if kind == operational.FAILING:
             self._metrics.health_events.labels(event="disabled").inc()
         self._metrics.subscription_up.labels(subscription=self._metrics.label(subscription_id)).set(
             0

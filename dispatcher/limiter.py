@@ -15,10 +15,10 @@ class GlobalLimiter:
     def free(self) -> int:
         return self.capacity - self.in_use
 
-    def acquire(self) -> None:
-        if self.free() <= 0:
+    def acquire(self, n: int = 1) -> None:
+        if n > self.free():
             raise RuntimeError("acquired more slots than are free")
-        self.in_use += 1
+        self.in_use += n
 
-    def release(self) -> None:
-        self.in_use -= 1
+    def release(self, n: int = 1) -> None:
+        self.in_use -= n

@@ -133,6 +133,12 @@ class Metrics:
             "Expired leases returned to the queue (a worker was lost).",
             registry=registry,
         )
+        self.claim_failing_seconds = prom.Gauge(
+            "dispatcher_claim_failing_seconds",
+            "How long this process's claims have been failing without a success (0 while they "
+            "succeed).",
+            registry=registry,
+        )
         self.stale_acks = prom.Counter(
             "dispatcher_stale_acks_total",
             "Results discarded because their lease token no longer matched.",

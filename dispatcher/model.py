@@ -111,6 +111,12 @@ class Job:
     manual: bool = False
     # The subscription's overrides of the configured retry policy (field name → value).
     retry_policy: Mapping[str, float] | None = None
+    # W3C trace context the producer stored with the event, if any.
+    traceparent: str | None = None
+    tracestate: str | None = None
+    # The claim was cut by the subscription's max_in_flight: when this request finishes,
+    # claim for it again (its freed slot is the only signal that it can take more).
+    capped: bool = False
     # Why this row cannot be sent as stored (found while loading it, e.g. a secret sealed under
     # a key this process does not hold); the sender then parks it without a request.
     problem: str | None = None
@@ -141,3 +147,5 @@ class RouteStats:
     unmatched: int = 0
     unknown_subscription: int = 0
     deliveries: int = 0
+    # (traceparent, tracestate) of the routed events that carry a trace context.
+    traced: tuple[tuple[str, str | None], ...] = ()

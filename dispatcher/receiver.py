@@ -3,8 +3,10 @@
 For people on the receiving end. It checks the Standard Webhooks
 headers (with secret rotation on either side), the optional body-only ``sha256=<hex>``
 header, remembers ``webhook-id`` values so at-least-once delivery is processed once, and
-wraps all of it in an aiohttp handler. It must not log or echo secrets, signatures or bodies,
-and it never reaches into dispatcher's own tables or configuration.
+wraps all of it in an aiohttp handler, which continues the request's W3C ``traceparent`` in a
+server span when OpenTelemetry is installed (so ``process`` runs inside the sender's trace). It
+must not log or echo secrets, signatures or bodies, and it never reaches into dispatcher's own
+tables or configuration.
 
 Exception hierarchy::
 
@@ -32,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from aiohttp import web
 
-from dispatcher import signing
+from dispatcher import signing, tracing
 
 if TYPE_CHECKING:
     import asyncpg
@@ -518,4 +520,18 @@ def webhook_handler(
             in_progress.discard(webhook_id)
         return web.json_response({"status": "ok"})
 
-    return handle
+    return _continuing_trace(handle)
+
+
+def _continuing_trace(handler: typedefs.Handler) -> typedefs.Handler:
+    """``handler`` inside a server span that continues the request's ``traceparent`` (under
+    the application's own tracer provider); as it is without OpenTelemetry installed."""
+
+    async def traced(request: web.Request) -> web.StreamResponse:
+        with tracing.continued(request.headers, "webhook receive") as span:
+            response = await handler(request)
+            if span is not None:
+                span.set_attribute("http.response.status_code", response.status)
+            return response
+
+    return traced

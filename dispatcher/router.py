@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
 
 import structlog
 
-from dispatcher import logs, metrics, model
+from dispatcher import logs, metrics, model, tracing
 from dispatcher.db import pool as db_pool
 from dispatcher.db import repository
 
@@ -27,9 +28,11 @@ class Router:
         batch: int,
         poll_interval_seconds: float,
         on_routed: Callable[[], None],
+        tracer: tracing.Tracer = tracing.OFF,
     ) -> None:
         self._repo = repo
         self._metrics = m
+        self._tracer = tracer
         self._batch = batch
         self._poll = poll_interval_seconds
         self._on_routed = on_routed
@@ -43,7 +46,10 @@ class Router:
             self._wake.clear()
             try:
                 while not stop.is_set():
+                    started_ns = time.time_ns()
                     stats = await self._repo.route(self._batch)
+                    if stats.events and self._tracer.enabled:
+                        self._trace(started_ns, stats)
                     self._count(stats)
                     if stats.deliveries:
                         self._on_routed()
@@ -53,6 +59,16 @@ class Router:
                 log.warning("route_failed", error=logs.error_text(exc))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._poll)
+
+    def _trace(self, started_ns: int, stats: model.RouteStats) -> None:
+        counts = {
+            "events": stats.events,
+            "routed": stats.routed,
+            "unmatched": stats.unmatched,
+            "unknown_subscription": stats.unknown_subscription,
+            "deliveries": stats.deliveries,
+        }
+        self._tracer.routed(started_ns, time.time_ns(), counts, stats.traced)
 
     def _count(self, stats: model.RouteStats) -> None:
         routed = self._metrics.events_routed

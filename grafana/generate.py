@@ -41,6 +41,9 @@ DEAD_LETTERS = 'max by (subscription) (dispatcher_queue_depth{SUB,state="dead"})
 class Target:
     expr: str
     legend: str = ""
+    # Ask Prometheus for the series' exemplars too (the dispatcher attaches trace ids to the
+    # delivery-latency histogram), so a point links to its trace.
+    exemplar: bool = False
 
 
 @dataclass(frozen=True)
@@ -58,10 +61,10 @@ class Panel:
     height: int = 8
 
 
-def _quantiles(metric: str) -> tuple[Target, ...]:
+def _quantiles(metric: str, *, exemplar: bool = False) -> tuple[Target, ...]:
     bucket_rate = f"sum by (le) (rate({metric}_bucket{{SUB}}{RATE}))"
     return tuple(
-        Target(f"histogram_quantile({q}, {bucket_rate})", f"p{round(q * 100)}")
+        Target(f"histogram_quantile({q}, {bucket_rate})", f"p{round(q * 100)}", exemplar)
         for q in (0.5, 0.95, 0.99)
     )
 
@@ -158,9 +161,12 @@ PANELS: tuple[Panel, ...] = (
     ),
     _series(
         "End-to-end latency",
-        *_quantiles("dispatcher_delivery_latency_seconds"),
+        *_quantiles("dispatcher_delivery_latency_seconds", exemplar=True),
         unit="s",
-        description="Outbox insert to first 2xx, retries and queueing included.",
+        description=(
+            "Outbox insert to first 2xx, retries and queueing included. With tracing on, the "
+            "dots are exemplars: each links to the trace of a delivery in that bucket."
+        ),
     ),
     _series(
         "Success ratio by subscription",
@@ -321,6 +327,7 @@ def _panel_json(
             "legendFormat": target.legend or "__auto",
             "range": True,
             "refId": chr(ord("A") + index),
+            **({"exemplar": True} if target.exemplar else {}),
         }
         for index, target in enumerate(panel.targets)
     ]

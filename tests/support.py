@@ -7,6 +7,7 @@ Nothing here sleeps to wait for a condition: ``wait_for`` polls a predicate unti
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import socket
@@ -15,15 +16,18 @@ import subprocess
 import sys
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable, Sequence
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import aiohttp.abc
+import asyncpg
 import orjson
 from aiohttp import web
 
 import dispatcher
+from dispatcher import app
 from dispatcher.db import repository
 from tests import leaks
 
@@ -257,3 +261,22 @@ async def run_cli(env: dict[str, str], *args: str) -> CliResult:
     assert proc.returncode is not None
     leaks.check_cli(args, out.decode(), err.decode())
     return CliResult(proc.returncode, out.decode(), err.decode())
+
+
+@contextlib.asynccontextmanager
+async def sql_ascii_database(server_dsn: str) -> AsyncIterator[str]:
+    """A migrated database in SQL_ASCII, where a producer can store bytes that are not UTF-8
+    (rows the client then cannot decode); dropped afterwards."""
+    name = f"t_ascii_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(server_dsn)
+    try:
+        await admin.execute(
+            f"CREATE DATABASE \"{name}\" ENCODING 'SQL_ASCII' TEMPLATE template0 "
+            "LC_COLLATE 'C' LC_CTYPE 'C'"
+        )
+        dsn = with_database(server_dsn, name)
+        await app.migrate_database(dsn)
+        yield dsn
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()

@@ -1,7 +1,9 @@
 """The agent's HTTP API (aiohttp): submit a lead-qualification job, read a job's state.
 
 ``POST /api/v1/lead-qualification`` validates, then writes the job and its callback
-subscription in one transaction and answers ``202``; the work happens in the runner. Errors
+subscription in one transaction and answers ``202``; the work happens in the runner. A valid
+W3C ``traceparent`` on the request is kept with the job, so the callbacks continue the
+caller's trace (a malformed one is ignored, as the W3C specification asks). Errors
 are JSON ``{"error", "field", "detail"}`` and a rejected request writes nothing. This module
 must not run pipeline steps or send callbacks itself.
 """
@@ -19,7 +21,7 @@ import orjson
 import structlog
 from aiohttp import web
 
-from dispatcher import secretbox, ssrf
+from dispatcher import secretbox, ssrf, tracing
 from dispatcher.agent import store, validation
 from dispatcher.db import pool as db_pool
 
@@ -109,6 +111,10 @@ def build_app(
         except validation.ValidationError as exc:
             return _error(422, exc.code, exc.field, exc.detail)
         job_id = new_job_id()
+        traceparent = tracing.parse_traceparent(request.headers.get("traceparent"))
+        tracestate = (
+            tracing.clean_tracestate(request.headers.get("tracestate")) if traceparent else None
+        )
         try:
             async with pool.acquire() as conn:
                 await store.create_job(
@@ -119,6 +125,8 @@ def build_app(
                     webhook_url=job.webhook_url,
                     secret=cfg.webhook_secret,
                     box=cfg.box,
+                    traceparent=traceparent,
+                    tracestate=tracestate,
                 )
         except db_pool.ERRORS as exc:
             log.warning("agent_job_not_stored", error=f"{type(exc).__name__}")

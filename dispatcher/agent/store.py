@@ -59,6 +59,9 @@ class Job:
     enriched: list[dict[str, Any]] | None
     checked: list[dict[str, Any]] | None
     runs: int
+    # The submitting request's W3C trace context: the callbacks continue the caller's trace.
+    traceparent: str | None = None
+    tracestate: str | None = None
 
 
 def subscription_id_for(url: str) -> uuid.UUID:
@@ -102,8 +105,9 @@ WHERE id = $1 AND secret = $4
 
 _INSERT_JOB_SQL = """
 -- Plain insert; the primary key rejects a colliding id (80 random bits: never in practice).
-INSERT INTO agent_jobs (id, prospects, criteria, webhook_url, subscription_id)
-VALUES ($1, $2::jsonb, $3::jsonb, $4, $5)
+INSERT INTO agent_jobs (id, prospects, criteria, webhook_url, subscription_id, traceparent,
+                        tracestate)
+VALUES ($1, $2::jsonb, $3::jsonb, $4, $5, $6, $7)
 """
 
 _CANDIDATES_SQL = """
@@ -125,7 +129,7 @@ UPDATE agent_jobs
 SET runs = runs + 1, last_worker = $2, updated_at = now()
 WHERE id = $1 AND status NOT IN ('COMPLETE', 'FAILED')
 RETURNING id, status, step, prospects::text, criteria::text, subscription_id,
-          enriched::text, checked::text, runs
+          enriched::text, checked::text, runs, traceparent, tracestate
 """
 
 _LOCK_JOB_SQL = """
@@ -168,6 +172,8 @@ async def create_job(
     webhook_url: str,
     secret: str,
     box: secretbox.SecretBox = secretbox.PLAINTEXT,
+    traceparent: str | None = None,
+    tracestate: str | None = None,
 ) -> uuid.UUID:
     """Job and callback subscription in one transaction; returns the subscription id.
 
@@ -185,7 +191,14 @@ async def create_job(
         if inserted is None:
             await _refresh_subscription(conn, sub, secret, box)
         await conn.execute(
-            _INSERT_JOB_SQL, job_id, _json(prospects), _json(criteria), webhook_url, sub
+            _INSERT_JOB_SQL,
+            job_id,
+            _json(prospects),
+            _json(criteria),
+            webhook_url,
+            sub,
+            traceparent,
+            tracestate,
         )
         # Wakes every agent replica's runner; delivered at commit, lost on rollback.
         await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, job_id)
@@ -244,6 +257,8 @@ async def start_run(conn: Any, job_id: str, worker: str) -> Job | None:
         enriched=_loads(row["enriched"]),
         checked=_loads(row["checked"]),
         runs=row["runs"],
+        traceparent=row["traceparent"],
+        tracestate=row["tracestate"],
     )
 
 
@@ -269,6 +284,8 @@ async def commit_step(
             event_id=steps.event_id(job.id, step.key),
             subscription_id=job.subscription_id,
             ordering_key=job.id,
+            traceparent=job.traceparent,
+            tracestate=job.tracestate,
         )
         await conn.execute(
             _ADVANCE_SQL,
@@ -296,6 +313,8 @@ async def fail_job(conn: Any, job: Job, reason: str, payload: dict[str, Any]) ->
             event_id=steps.event_id(job.id, steps.FAILED_KEY),
             subscription_id=job.subscription_id,
             ordering_key=job.id,
+            traceparent=job.traceparent,
+            tracestate=job.tracestate,
         )
         await conn.execute(_FAIL_SQL, job.id, reason)
 

@@ -80,10 +80,18 @@ class Context:
                 retry=config.RetryPolicy(**self._fields("retry")),
                 endpoint_health=config.EndpointHealthPolicy(**self._fields("endpoint_health")),
                 retention=config.RetentionPolicy(**self._fields("retention")),
+                tracing=self.tracing_settings(),
                 **self._fields("dispatcher"),
             )
         except config.ConfigError as exc:
             raise CliError(str(exc)) from None
+
+    def tracing_settings(self) -> config.TracingSettings | None:
+        """OpenTelemetry's variables, read together (one depends on another); raises
+        ``config.ConfigError`` for a value the dispatcher cannot honour."""
+        from dispatcher import tracing  # noqa: PLC0415 (loads the database driver's errors)
+
+        return tracing.settings_from_env(self.env)
 
     def agent_settings(self, database_url: str) -> agent_settings.AgentSettings:
         """``dispatcher agent`` settings. The webhook secret is required rather than generated:

@@ -230,6 +230,12 @@ TABLE: Final[tuple[Setting, ...]] = (
         'subscriptions labelled individually in metrics; the rest share `subscription="other"`',
     ),
     S(
+        "DISPATCHER_DEAD_EVENTS_PER_MINUTE",
+        (f"{D}.dead_events_per_minute",),
+        parse_int,
+        "dispatcher.delivery.dead events per subscription and minute; the rest are summarized",
+    ),
+    S(
         "DISPATCHER_GAUGE_INTERVAL",
         (f"{D}.gauge_interval_seconds",),
         parse_float,
@@ -362,6 +368,73 @@ TABLE: Final[tuple[Setting, ...]] = (
         ("log.format",),
         parse_text,
         "`json`, `console`, or `auto` (console on a terminal, JSON otherwise)",
+    ),
+    # OpenTelemetry's own variables: read together by ``dispatcher.tracing.settings_from_env``
+    # (one depends on another), so they fill no field one by one.
+    S(
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        (),
+        parse_text,
+        "OpenTelemetry collector base URL (OTLP/HTTP, `/v1/traces` is appended). Empty, and no "
+        "traces endpoint: tracing is off. See [traces](observability.md#traces)",
+        shown_default="",
+    ),
+    S(
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        (),
+        parse_text,
+        "full OTLP/HTTP traces URL; wins over the base URL",
+        shown_default="",
+    ),
+    S(
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+        (),
+        parse_text,
+        "the only protocol supported (anything else: exit 2)",
+        shown_default="http/protobuf",
+    ),
+    S(
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+        (),
+        parse_text,
+        "the same, for traces only",
+        shown_default="http/protobuf",
+    ),
+    S(
+        "OTEL_SERVICE_NAME",
+        (),
+        parse_text,
+        "`service.name` of the dispatcher's spans",
+        shown_default="dispatcher",
+    ),
+    S(
+        "OTEL_TRACES_SAMPLER",
+        (),
+        parse_text,
+        "`always_on`, `always_off`, `traceidratio`, or `parentbased_` + one of those (follow "
+        "the producer's sampling decision)",
+        shown_default="parentbased_always_on",
+    ),
+    S(
+        "OTEL_TRACES_SAMPLER_ARG",
+        (),
+        parse_text,
+        "sampled share for the `traceidratio` samplers",
+        shown_default="1.0",
+    ),
+    S(
+        "OTEL_BSP_SCHEDULE_DELAY",
+        (),
+        parse_text,
+        "milliseconds between span exports",
+        shown_default="5000",
+    ),
+    S(
+        "OTEL_SDK_DISABLED",
+        (),
+        parse_text,
+        "`true`: no tracing, whatever else is set",
+        shown_default="false",
     ),
     S(
         "AGENT_LISTEN",

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from dispatcher.db import repository
+from dispatcher.db import operational, repository
 
 _SUCCESS_SQL = """
 -- Plain row updates of the subscriptions named; a failure another replica recorded after
@@ -114,18 +114,24 @@ async def pause(
     hold_seconds: float,
     extend: bool,
     max_pause_seconds: float,
+    failure_ratio: float | None = None,
 ) -> float | None:
     """Pause a subscription; the pause's length in seconds, or None when nothing changed
-    (disabled, or already paused and ``extend`` is false)."""
-    secs = await pool.fetchval(
-        _PAUSE_SQL,
-        uuid.UUID(subscription_id),
-        reason,
-        pause_seconds,
-        hold_seconds,
-        extend,
-        max_pause_seconds,
-    )
+    (disabled, or already paused and ``extend`` is false). ``failure_ratio`` (the breaker's
+    trip) travels in the operational event that announces the pause (sql/011)."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute(
+            operational.MARK_RATIO_SQL, "" if failure_ratio is None else repr(failure_ratio)
+        )
+        secs = await conn.fetchval(
+            _PAUSE_SQL,
+            uuid.UUID(subscription_id),
+            reason,
+            pause_seconds,
+            hold_seconds,
+            extend,
+            max_pause_seconds,
+        )
     return None if secs is None else float(secs)
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 
 from dispatcher import model, secretbox, signing, validation
-from dispatcher.db import outbox, repository
+from dispatcher.db import operational, outbox, repository
 
 TEST_EVENT_TYPE = "dispatcher.test"
 # Resolves a new or changed URL's host: the reason every address it has is blocked, or None.
@@ -452,6 +452,8 @@ class Management:
                     f"subscription {subscription_id} is disabled; enable it first",
                     code="subscription_disabled",
                 )
+            # dispatcher.* types are reserved to the dispatcher (sql/011); this one is its own.
+            await conn.execute(operational.EMITTING_SQL)
             event_id = await outbox.insert(
                 conn,
                 TEST_EVENT_TYPE,

@@ -14,9 +14,21 @@ from typing import Any
 import orjson
 
 from dispatcher import model, secretbox
+from dispatcher.db import operational
 
 WORK_CHANNEL = "dispatcher_work"
 OUTBOX_CHANNEL = "dispatcher_outbox"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Lease:
+    """A claimed delivery before its contents are read (see ``claim_leases``)."""
+
+    delivery_id: int
+    lease_token: int
+    attempt: int
+    subscription_id: str
+    capped: bool
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -28,7 +40,9 @@ class Reclaimed:
 _ROUTE_SQL = """
 -- Lock a batch of unrouted events (SKIP LOCKED: replicas route disjoint batches), create one
 -- delivery per matching subscription (the unique key makes a retried routing a no-op), and
--- mark the events routed in the same transaction.
+-- mark the events routed in the same transaction. '*' matches every type but the dispatcher's
+-- own operational events ('dispatcher.…', sql/011): those go only to subscriptions that name
+-- them, so no existing catch-all subscription starts receiving them.
 WITH batch AS (
     SELECT o.id, o.event_type, o.subscription_id, o.ordering_key, o.created_at
     FROM webhook_outbox o
@@ -37,15 +51,28 @@ WITH batch AS (
     LIMIT $1
     FOR UPDATE SKIP LOCKED
 ), targets AS (
+    -- Events for one subscription by id; the others through the pattern index (007): each
+    -- event type expands into the patterns that can match it, so routing costs a few index
+    -- probes per event whatever the number of subscriptions. UNION: one delivery per pair
+    -- even when several patterns of a subscription match.
     SELECT b.id AS outbox_id, s.id AS subscription_id, b.ordering_key, b.created_at, s.enabled
     FROM batch b
-    JOIN webhook_subscriptions s
-      ON (b.subscription_id IS NOT NULL AND s.id = b.subscription_id)
-      OR (b.subscription_id IS NULL AND s.enabled AND EXISTS (
-            SELECT 1 FROM unnest(s.event_types) AS p(pattern)
-            WHERE p.pattern = b.event_type
-               OR p.pattern = '*'
-               OR (right(p.pattern, 2) = '.*' AND starts_with(b.event_type, left(p.pattern, -1)))))
+    JOIN webhook_subscriptions s ON s.id = b.subscription_id
+    -- Redundant for the join, but it gives the planner the small estimate that keeps it on
+    -- the primary key (without it: a hash join over every subscription per batch).
+    WHERE b.subscription_id IS NOT NULL
+    UNION
+    SELECT b.id, s.id, b.ordering_key, b.created_at, s.enabled
+    FROM batch b
+    -- `= ANY` on the primary key: index probes per event whatever the table's statistics
+    -- say (a join on unnest() got a sequential scan per event on a freshly filled table).
+    CROSS JOIN LATERAL (
+        SELECT p.subscription_id FROM webhook_subscription_patterns p
+        WHERE p.pattern = ANY (dispatcher_type_patterns(b.event_type))
+          AND (p.pattern <> '*' OR NOT starts_with(b.event_type, 'dispatcher.'))
+    ) m
+    JOIN webhook_subscriptions s ON s.id = m.subscription_id
+    WHERE b.subscription_id IS NULL AND s.enabled
 ), created AS (
     INSERT INTO webhook_deliveries
         (outbox_id, subscription_id, ordering_key, event_created_at, state)
@@ -55,54 +82,57 @@ WITH batch AS (
     ORDER BY t.outbox_id, t.subscription_id
     ON CONFLICT (outbox_id, subscription_id) DO NOTHING
     RETURNING 1
+), notified AS (
+    -- Wake every replica's claimer when work was created; delivered at commit. One
+    -- statement, so routing is one round trip (no BEGIN/NOTIFY/COMMIT of its own).
+    SELECT pg_notify($2, '') FROM (SELECT 1 FROM created LIMIT 1) x
+), fanout AS (
+    -- Counted once per event (a lookup per row into targets was quadratic in the batch).
+    SELECT t.outbox_id, count(*) AS n FROM targets t GROUP BY t.outbox_id
 )
 UPDATE webhook_outbox o
 SET routed_at = now(),
-    delivery_count = (SELECT count(*) FROM targets t WHERE t.outbox_id = o.id),
+    delivery_count = coalesce(f.n, 0),
     route_result = CASE
-        WHEN EXISTS (SELECT 1 FROM targets t WHERE t.outbox_id = o.id) THEN 'routed'
+        WHEN f.n IS NOT NULL THEN 'routed'
         WHEN o.subscription_id IS NOT NULL THEN 'unknown_subscription'
         ELSE 'unmatched' END
 FROM batch b
+LEFT JOIN fanout f ON f.outbox_id = b.id
 WHERE o.id = b.id
-RETURNING o.route_result, o.delivery_count, (SELECT count(*) FROM created) AS created
+RETURNING o.route_result, o.delivery_count, (SELECT count(*) FROM created) AS created,
+          (SELECT count(*) FROM notified) AS notified, o.traceparent, o.tracestate
 """
 
-_ACK_SQL = """
--- Apply results fenced on the lease token: a row whose token changed (lease expired and
--- reclaimed, or released) is left alone, and its attempt is logged with applied = false.
-WITH r AS (
-    SELECT *
-    FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::float8[], $5::int[], $6::text[],
-                $7::int[], $8::float8[], $9::float8[], $10::text[], $11::text[], $12::bool[])
-         AS r(id, token, state, delay, status, error, attempt, started, duration_ms, outcome,
-              response, manual)
-), applied AS (
-    UPDATE webhook_deliveries d
-    SET state = r.state,
-        next_attempt_at = CASE WHEN r.delay IS NULL THEN d.next_attempt_at
-                               ELSE now() + make_interval(secs => r.delay) END,
-        leased_until = NULL,
-        lease_token = NULL,
-        leased_by = NULL,
-        last_status = r.status,
-        last_error = r.error,
-        -- a manual replay is one attempt; whatever follows it is automatic again (003)
-        manual_replay = false,
-        finished_at = CASE WHEN r.state IN ('delivered', 'dead') THEN now() END,
-        updated_at = now()
-    FROM r
-    WHERE d.id = r.id AND d.lease_token = r.token AND d.state = 'in_flight'
-    RETURNING d.id
-), logged AS (
-    INSERT INTO webhook_attempts (delivery_id, attempt, manual, started_at, duration_ms, outcome,
-                                  status_code, error, response_body, worker, applied)
-    SELECT r.id, r.attempt, r.manual, to_timestamp(r.started), r.duration_ms, r.outcome,
-           r.status, r.error, r.response, $13, r.id IN (SELECT id FROM applied)
-    FROM r
-    WHERE EXISTS (SELECT 1 FROM webhook_deliveries x WHERE x.id = r.id)
-)
-SELECT id FROM applied
+# Both apply results fenced on the lease token (sql/007_engine.sql); the second also claims
+# the next batch in the same round trip, on a snapshot that sees the freed slots.
+_ACK_SQL = "SELECT * FROM dispatcher_ack($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+_COMPLETE_AND_CLAIM_SQL = """
+SELECT * FROM dispatcher_complete_and_claim($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
+                                            $13, $14, $15)
+"""
+
+# The claim without the row contents: ids only, so a row the client encoding cannot carry
+# (bytes that are not UTF-8 in a SQL_ASCII database) does not fail the statement; the
+# contents are then read by id, where such a row can be told apart and quarantined.
+_CLAIM_IDS_SQL = """
+SELECT c.delivery_id, c.lease_token, c.attempt, c.subscription_id, c.capped
+FROM dispatcher_claim($1, $2, $3) c
+"""
+_JOBS_BY_ID_SQL = """
+-- Claimed deliveries read back by id with the claim's columns; no locks: they are leased to
+-- this worker already (the lease token must still match).
+SELECT d.id AS delivery_id, d.lease_token, d.attempt, d.subscription_id, s.url, o.event_id,
+       o.event_type, o.payload::text AS body, s.secret,
+       CASE WHEN s.previous_secret_until > now() THEN s.previous_secret END AS previous_secret,
+       s.signature_header, s.signers, s.headers::text AS headers,
+       extract(epoch FROM o.created_at)::double precision AS event_created_at,
+       d.ordering_key, d.manual_replay AS manual, s.retry_policy::text AS retry_policy,
+       o.traceparent, o.tracestate, c.capped
+FROM unnest($1::bigint[], $2::bigint[], $3::bool[]) AS c(id, token, capped)
+JOIN webhook_deliveries d ON d.id = c.id AND d.lease_token = c.token
+JOIN webhook_outbox o ON o.id = d.outbox_id
+JOIN webhook_subscriptions s ON s.id = d.subscription_id
 """
 
 _RECLAIM_SQL = """
@@ -230,7 +260,28 @@ def _job(row: Any, box: secretbox.SecretBox) -> model.Job:
         ordering_key=row["ordering_key"],
         manual=row["manual"],
         retry_policy=orjson.loads(row["retry_policy"]) if row["retry_policy"] else None,
+        traceparent=row["traceparent"],
+        tracestate=row["tracestate"],
+        capped=row["capped"],
         problem=problem,
+    )
+
+
+def _ack_columns(acks: Sequence[model.Ack]) -> tuple[list[Any], ...]:
+    """Acks as the column arrays dispatcher_ack() takes (one array per field)."""
+    return (
+        [a.delivery_id for a in acks],
+        [a.lease_token for a in acks],
+        [a.state for a in acks],
+        [a.delay_seconds for a in acks],
+        [a.status for a in acks],
+        [a.error for a in acks],
+        [a.attempt for a in acks],
+        [a.started_at for a in acks],
+        [a.duration_ms for a in acks],
+        [a.outcome for a in acks],
+        [a.response for a in acks],
+        [a.manual for a in acks],
     )
 
 
@@ -245,11 +296,7 @@ class Repository:
     # -- routing ---------------------------------------------------------------------------
 
     async def route(self, limit: int) -> model.RouteStats:
-        async with self.pool.acquire() as conn, conn.transaction():
-            rows = await conn.fetch(_ROUTE_SQL, limit)
-            if rows and rows[0]["created"]:
-                # Wake every replica's claimer; delivered at commit.
-                await conn.execute("SELECT pg_notify($1, '')", WORK_CHANNEL)
+        rows = await self.pool.fetch(_ROUTE_SQL, limit, WORK_CHANNEL)
         results = [r["route_result"] for r in rows]
         return model.RouteStats(
             events=len(rows),
@@ -257,6 +304,7 @@ class Repository:
             unmatched=results.count("unmatched"),
             unknown_subscription=results.count("unknown_subscription"),
             deliveries=rows[0]["created"] if rows else 0,
+            traced=tuple((r["traceparent"], r["tracestate"]) for r in rows if r["traceparent"]),
         )
 
     # -- claiming and acknowledging --------------------------------------------------------
@@ -265,6 +313,21 @@ class Repository:
         # One round trip; the locking lives in dispatcher_claim() (sql/006_claim.sql).
         rows = await self.pool.fetch(
             "SELECT * FROM dispatcher_claim($1, $2, $3)", worker, limit, lease_seconds
+        )
+        return [_job(r, self.box) for r in rows]
+
+    async def claim_leases(self, worker: str, limit: int, lease_seconds: float) -> list[Lease]:
+        """The claim, returning leases without contents (see ``_CLAIM_IDS_SQL``)."""
+        rows = await self.pool.fetch(_CLAIM_IDS_SQL, worker, limit, lease_seconds)
+        return [Lease(r[0], r[1], r[2], str(r[3]), r[4]) for r in rows]
+
+    async def jobs_for(self, leases: Sequence[Lease]) -> list[model.Job]:
+        """The jobs of leases this worker holds (read by id; a stale lease reads nothing)."""
+        rows = await self.pool.fetch(
+            _JOBS_BY_ID_SQL,
+            [x.delivery_id for x in leases],
+            [x.lease_token for x in leases],
+            [x.capped for x in leases],
         )
         return [_job(r, self.box) for r in rows]
 
@@ -282,23 +345,20 @@ class Repository:
 
     async def ack(self, acks: Sequence[model.Ack], worker: str) -> set[int]:
         """Apply results; return the ids whose token still matched (the rest were stale)."""
+        rows = await self.pool.fetch(_ACK_SQL, *_ack_columns(acks), worker)
+        return {r[0] for r in rows}
+
+    async def complete_and_claim(
+        self, acks: Sequence[model.Ack], worker: str, limit: int, lease_seconds: float
+    ) -> tuple[set[int], list[model.Job]]:
+        """Apply results and claim up to ``limit`` deliveries in one round trip (one
+        transaction: a failure applies neither). → (applied ids, claimed jobs)."""
         rows = await self.pool.fetch(
-            _ACK_SQL,
-            [a.delivery_id for a in acks],
-            [a.lease_token for a in acks],
-            [a.state for a in acks],
-            [a.delay_seconds for a in acks],
-            [a.status for a in acks],
-            [a.error for a in acks],
-            [a.attempt for a in acks],
-            [a.started_at for a in acks],
-            [a.duration_ms for a in acks],
-            [a.outcome for a in acks],
-            [a.response for a in acks],
-            [a.manual for a in acks],
-            worker,
+            _COMPLETE_AND_CLAIM_SQL, *_ack_columns(acks), worker, limit, lease_seconds
         )
-        return {r["id"] for r in rows}
+        applied = {r["acked"] for r in rows if r["acked"] is not None}
+        jobs = [_job(r, self.box) for r in rows if r["acked"] is None]
+        return applied, jobs
 
     async def reclaim_expired(self, max_attempts: int) -> Reclaimed:
         rows = await self.pool.fetch(_RECLAIM_SQL, max_attempts)
@@ -312,8 +372,13 @@ class Repository:
 
     # -- subscriptions ---------------------------------------------------------------------
 
-    async def disable_subscription(self, subscription_id: str, reason: str) -> bool:
+    async def disable_subscription(
+        self, subscription_id: str, reason: str, *, kind: str = operational.OPERATOR
+    ) -> bool:
+        """Disable and park; ``kind`` (operator | gone | failing) is the reason the
+        operational event announces (sql/011). False when it was already disabled."""
         async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(operational.MARK_CHANGE_SQL, kind)
             # Row lock (FOR UPDATE via UPDATE) waits for a claim in progress on this subscription.
             was_enabled = await conn.fetchval(
                 "SELECT enabled FROM webhook_subscriptions WHERE id = $1 FOR UPDATE",

@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 
 from dispatcher import secretbox
+from dispatcher.db import operational
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -76,16 +77,20 @@ async def reencrypt(pool: Any, box: secretbox.SecretBox, *, batch: int = 100) ->
                 or box.needs_reseal(previous)
                 or _reseal_headers(box, headers) is not None
             ):
-                status = await pool.execute(
-                    _RESEAL_SQL,
-                    row["id"],
-                    box.seal(box.open(current)),
-                    None if previous is None else box.seal(box.open(previous)),
-                    current,
-                    previous,
-                    _reseal_headers(box, headers) or headers,
-                    headers,
-                )
+                async with pool.acquire() as conn, conn.transaction():
+                    # Same secret, new envelope: the operational-event trigger (sql/011)
+                    # announces no rotation for it.
+                    await conn.execute(operational.MARK_CHANGE_SQL, operational.RESEAL)
+                    status = await conn.execute(
+                        _RESEAL_SQL,
+                        row["id"],
+                        box.seal(box.open(current)),
+                        None if previous is None else box.seal(box.open(previous)),
+                        current,
+                        previous,
+                        _reseal_headers(box, headers) or headers,
+                        headers,
+                    )
                 if status.endswith(" 1"):
                     resealed += 1
                     break

@@ -22,12 +22,19 @@ class Readiness:
         self._ping = ping
         self.started = False
         self.draining = False
+        # Each returns why the process cannot do its work (None when it can), e.g. a claim
+        # loop that keeps failing while the database still answers the ping.
+        self.checks: list[Callable[[], str | None]] = []
 
     async def ready(self) -> tuple[bool, str]:
         if self.draining:
             return False, "draining"
         if not self.started:
             return False, "starting"
+        for check in self.checks:
+            reason = check()
+            if reason is not None:
+                return False, reason
         try:
             await asyncio.wait_for(self._ping(), READY_TIMEOUT_SECONDS)
         except Exception as exc:

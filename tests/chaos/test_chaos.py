@@ -926,3 +926,59 @@ async def test_foreign_key_secret_parks_alone_and_nothing_is_lost(
         f"{n} parked (config_error), replica up, other 2x{n} delivered with 1 attempt each; "
         "re-queued after the key arrived: all delivered",
     )
+
+
+async def test_poison_row_is_quarantined_and_every_other_delivery_goes_out(
+    server_dsn: str, chaos: ChaosReceiver, tmp_path: Path, procs: list[Any]
+) -> None:
+    """A SQL_ASCII database (the producer's choice) holds one outbox row whose payload is not
+    UTF-8: the client cannot be handed it. A real `dispatcher run` dead-letters that one
+    delivery with a reason that does not quote it, stays up, and delivers everything else
+    with one attempt each."""
+    async with support.sql_ascii_database(server_dsn) as dsn:
+        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+        try:
+            names: dict[str, str] = {}
+            for sub_name in ("a", "b", "c"):
+                sub = await repository.Repository(pool).create_subscription(
+                    url=chaos.url(sub_name), event_types=["e.*"], secret=support.SECRET
+                )
+                names[str(sub["id"])] = sub_name
+            await repository.Repository(pool).create_subscription(
+                url=chaos.url("p"), event_types=["poison.x"], secret=support.SECRET
+            )
+            n = 200 if LONG else 40
+            await publish(pool, n // 2)
+            await pool.execute(
+                "INSERT INTO webhook_outbox (event_id, event_type, payload) "
+                "VALUES ('evt_poison', 'poison.x', E'{\"k\": \"\\xff\\xfe\"}')"
+            )
+            await publish(pool, n - n // 2)
+            proc, port, log = spawn(dsn, tmp_path, "poison", **CHILD_ENV)
+            procs.append(proc)
+            await wait_state(pool, 3 * n, "delivered", timeout=60)
+            await wait_state(pool, 1, "dead", timeout=30)
+            assert proc.poll() is None, log.read_text()[-2000:]
+            dead = await pool.fetch(
+                "SELECT o.event_id, d.last_error FROM webhook_deliveries d "
+                "JOIN webhook_outbox o ON o.id = d.outbox_id WHERE d.state = 'dead'"
+            )
+            assert [r["event_id"] for r in dead] == ["evt_poison"]
+            assert "\\xff" not in dead[0]["last_error"]
+            most = await pool.fetchval(
+                "SELECT max(attempt) FROM webhook_deliveries WHERE state = 'delivered'"
+            )
+            assert most == 1
+            assert chaos.entries("p") == []
+            v = await oracle.check(pool, chaos, names)
+            v.assert_sound()
+            await wait_ready(port)
+            record(
+                "poison row (payload the client cannot decode, SQL_ASCII database)",
+                v,
+                f"1 dead with a reason that does not quote it; other {3 * n} delivered with "
+                "1 attempt each; process up and ready",
+            )
+        finally:
+            kill_all(procs)
+            await pool.close()

@@ -21,11 +21,14 @@ SECTIONS = (
     "ceiling",
     "baseline",
     "throughput",
+    "shapes",
+    "peer",
     "scaling",
     "latency",
     "isolation",
     "backlog",
     "footprint",
+    "idle",
 )
 
 
@@ -98,6 +101,25 @@ async def test_quick_bench_reports_every_section(server_dsn: str) -> None:
     _positive(isolation["without"], "rate_per_second")
     _positive(isolation, "blackholed_requests")
 
+    for shape in ("a", "c"):
+        section = report["shapes"][shape]
+        for who in ("naive", "dispatcher"):
+            assert section[who]["complete"], (shape, who, section)
+            _positive(section[who], "rate_per_second", "cpu_us_per_delivery")
+        assert section["dispatcher_vs_naive"] > 0
+    assert report["shapes"]["a"]["subscriptions"] == 1
+    assert report["shapes"]["c"]["max_in_flight"] == 5
+
+    peer = report["peer"]
+    assert peer["complete"], peer
+    _positive(peer, "rate_per_second", "cpu_us_per_delivery")
+
+    idle = report["idle"]
+    for side in ("alone", "beside"):
+        assert idle[side]["complete"], idle
+        _positive(idle[side], "rate_per_second", "claim_ms")
+    assert idle["beside"]["idle_subscriptions"] > 0 == idle["alone"]["idle_subscriptions"]
+
     footprint = report["footprint"]
     _positive(footprint, "cpu_us_per_delivery", "rss_mb_peak_with_pending", "deliveries")
     assert footprint["idle_cpu_percent_of_core"] >= 0
@@ -108,13 +130,18 @@ async def test_quick_bench_reports_every_section(server_dsn: str) -> None:
         "backlog_large_vs_small",
         "isolation",
         "scaling_n_vs_1",
+        "shape_a_vs_naive",
+        "shape_c_vs_naive",
+        "shape_a_vs_peer",
+        "idle_throughput",
+        "idle_claim_cost",
     ):
         assert report["ratios"][key] > 0, key
     assert {t["target"] for t in report["targets"]} >= {"latency p50 ms", "isolation"}
 
     # The readable table renders from the same report, with a line per scenario.
     table = bench.render(report)
-    for name in ("ceiling", "baseline", "throughput", "latency", "isolation", "footprint"):
+    for name in ("ceiling", "baseline", "throughput", "shape a", "peer", "latency", "idle"):
         assert name in table
 
     # The run's own database was dropped.

@@ -139,6 +139,7 @@ async def test_migrate_from_the_installed_wheel(installed: Path, empty_dsn: str)
 
 
 def test_image_requirements_leave_out_only_the_embedded_postgres(wheel: Path) -> None:
+    """…and take the tracing extra in, unconditionally (no ``extra ==`` marker left)."""
     result = subprocess.run(
         [sys.executable, str(ROOT / "deploy" / "image_requirements.py"), str(wheel)],
         capture_output=True,
@@ -150,6 +151,9 @@ def test_image_requirements_leave_out_only_the_embedded_postgres(wheel: Path) ->
     assert "pgserver" not in names
     assert {"aiohttp", "asyncpg", "structlog", "prometheus-client", "orjson"} <= names
     assert not names & {"pytest", "ruff", "mypy"}, "dev extras must stay out of the image"
+    tracing = {"opentelemetry-api", "opentelemetry-sdk", "opentelemetry-exporter-otlp-proto-http"}
+    assert tracing <= names
+    assert "extra" not in result.stdout
 
 
 def _console_script() -> str:

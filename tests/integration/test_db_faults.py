@@ -88,21 +88,39 @@ async def test_terminated_backends_are_replaced_by_the_pool(pool: Any, dsn: str)
         )
         assert killed == 3
 
-        async def replaced() -> bool:
-            now = {r["pid"] for r in await pool.fetch(query)}
-            return not (now & before)
+        async def gone() -> bool:
+            return not ({r["pid"] for r in await pool.fetch(query)} & before)
 
-        # asyncpg notices the closed sockets of idle connections and reconnects them.
-        await support.wait_for(replaced, timeout=5, message="backends replaced")
-        failures = 0
-        for _ in range(6):
+        await support.wait_for(gone, timeout=5, message="backends terminated")
+        # asyncpg reconnects a slot on acquire once it has seen the socket close; a slot whose
+        # close it has not read yet fails one call (ConnectionDoesNotExistError), which the
+        # dispatcher's loops retry. So: each dead connection costs at most one failed call,
+        # and then every call succeeds on new backends.
+        outcomes = []
+        for _ in range(9):
             try:
-                assert await dispatcher_pool.fetchval("SELECT 1") == 1
+                outcomes.append(await dispatcher_pool.fetchval("SELECT 1") == 1)
             except db_pool.ERRORS:
-                failures += 1  # a caller's retry loop would absorb these
-        assert failures == 0
+                outcomes.append(False)
+        assert outcomes.count(False) <= 3
+        assert all(outcomes[-3:])
+        now = {r["pid"] for r in await pool.fetch(query)}
+        assert now
+        assert not (now & before)
     finally:
         await dispatcher_pool.close()
+
+
+async def test_dispatcher_sessions_never_jit_compile(start_dispatcher: Any) -> None:
+    """On a deep backlog the claim's generic plan is costed above jit_above_cost, and JIT
+    compiling it took longer than running it (the bench's 1 M backlog)."""
+    running = await start_dispatcher()
+    async with running.dispatcher.pool.acquire() as conn, conn.transaction():
+        assert await conn.fetchval("SELECT current_setting('jit')") == "off"
+        # Any statement would be compiled at this threshold if JIT were allowed.
+        await conn.execute("SET LOCAL jit_above_cost = 0")
+        plan = await conn.fetch("EXPLAIN (ANALYZE) SELECT count(*) FROM webhook_deliveries")
+    assert not any("JIT" in r[0] for r in plan)
 
 
 async def test_every_dispatcher_session_carries_its_timeouts(

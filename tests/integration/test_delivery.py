@@ -32,6 +32,8 @@ async def test_delivers_signed_request_verified_independently(
     req = receiver.requests[0]
     assert req.headers["content-type"] == "application/json"
     assert req.headers["webhook-id"] == event_id
+    # Responses are stored as sent (no automatic decompression): none is asked for.
+    assert req.headers.get("accept-encoding", "identity") == "identity"
     # Standard Webhooks, verified by the public library.
     wh = standardwebhooks.Webhook(support.SECRET)
     payload = wh.verify(
@@ -238,8 +240,13 @@ async def test_one_dead_subscriber_does_not_delay_the_others(
     await support.subscribe(pool, fast.url)
     await support.publish(pool, 20)
     await start_dispatcher(max_in_flight=8)
+    # The claim visits subscriptions from a random start, so the slow one's slots may be
+    # taken after some of the fast one's work: wait until it holds both, then the fast
+    # subscriber must still be served in full while they stay held.
+    await support.wait_for(lambda: slow.max_concurrent == 2, message="slow subscriber held")
     await support.wait_for(lambda: len(fast.ok()) == 20, message="fast subscriber served")
     assert slow.max_concurrent == 2
+    assert slow.concurrent == 2  # still held while the fast one was served
     slow.release.set()
 
 

@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 import yaml
 
-from dispatcher import cli
+from dispatcher import cli, tracing
 from dispatcher.cli import context
 from dispatcher.cli import settings as cli_settings
 
@@ -58,7 +58,8 @@ RUNTIME_ENV = {
     "PYTHONUNBUFFERED",
 }
 # The bounded shutdown stages after the drain (app.Dispatcher._serve: claimer 5 s, result
-# flush 10 s, background loops 5 s) plus slack for the pool and the process to exit.
+# flush 10 s, background loops 5 s, span export 5 s) plus slack for the pool and the process
+# to exit.
 SHUTDOWN_OVERHEAD_SECONDS = 30
 
 
@@ -273,6 +274,8 @@ def test_compose_has_the_whole_stack() -> None:
         "receiver",
         "prometheus",
         "grafana",
+        "otel-collector",
+        "tempo",
     }
     for name in ("migrate", "dispatcher", "agent", "receiver"):
         assert services[name]["image"] == "dispatcher:local", name
@@ -356,6 +359,194 @@ def test_compose_stop_grace_outlasts_the_drain() -> None:
     )
     stop = _seconds(dispatcher["stop_grace_period"])
     assert stop >= grace + 20, (stop, grace)
+
+
+# -- OpenTelemetry Collector -------------------------------------------------------------------
+
+COLLECTOR_CONFIG = DEPLOY / "otel-collector.yaml"
+# What the core distribution (otel/opentelemetry-collector) is built with, of the kinds the
+# file may use; the contrib-only ones would make the core image refuse the file.
+CORE_COMPONENTS = {
+    "receivers": {"otlp", "nop"},
+    "processors": {"batch", "memory_limiter"},
+    "exporters": {"debug", "otlp", "otlphttp", "nop"},
+    "extensions": {"zpages"},
+}
+GO_DURATION = re.compile(r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
+
+
+def collector_problems(config: Any) -> list[str]:
+    """What the collector would refuse at start (or silently ignore) in a config file."""
+    if not isinstance(config, dict):
+        return ["not a mapping"]
+    problems = []
+    top = {"receivers", "processors", "exporters", "extensions", "connectors", "service"}
+    problems += [f"unknown top-level key {k!r}" for k in set(config) - top]
+    defined: dict[str, set[str]] = {}
+    for kind in ("receivers", "processors", "exporters", "extensions"):
+        section = config.get(kind) or {}
+        if not isinstance(section, dict):
+            problems.append(f"{kind} is not a mapping")
+            continue
+        defined[kind] = set(section)
+        for name, settings in section.items():
+            component = name.split("/", 1)[0]
+            if component not in CORE_COMPONENTS[kind]:
+                problems.append(f"{kind}: {component!r} is not in the core distribution")
+            if settings is not None and not isinstance(settings, dict):
+                problems.append(f"{kind}.{name} settings are not a mapping")
+    service = config.get("service")
+    if not isinstance(service, dict) or not isinstance(service.get("pipelines"), dict):
+        return [*problems, "service.pipelines missing"]
+    used: dict[str, set[str]] = {kind: set() for kind in defined}
+    used["extensions"] = set(service.get("extensions") or [])
+    for pipeline, spec in service["pipelines"].items():
+        signal = pipeline.split("/", 1)[0]
+        if signal not in {"traces", "metrics", "logs"}:
+            problems.append(f"pipeline {pipeline!r} is not traces, metrics or logs")
+        extra = set(spec) - {"receivers", "processors", "exporters"}
+        problems += [f"pipeline {pipeline}: unknown key {k!r}" for k in sorted(extra)]
+        for kind in ("receivers", "exporters"):
+            if not spec.get(kind):
+                problems.append(f"pipeline {pipeline} has no {kind}")
+        for kind in ("receivers", "processors", "exporters"):
+            for name in spec.get(kind) or []:
+                used[kind].add(name)
+                if name not in defined.get(kind, set()):
+                    problems.append(f"pipeline {pipeline}: {kind[:-1]} {name!r} is not defined")
+        processors = [p.split("/", 1)[0] for p in spec.get("processors") or []]
+        if "memory_limiter" in processors and processors[0] != "memory_limiter":
+            problems.append(f"pipeline {pipeline}: memory_limiter must come first")
+    for kind, names in defined.items():
+        problems += [f"{kind[:-1]} {n!r} is defined but unused" for n in sorted(names - used[kind])]
+
+    def durations(node: Any, path: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in {"timeout", "check_interval", "interval"} and not (
+                    isinstance(value, str) and GO_DURATION.match(value)
+                ):
+                    problems.append(f"{path}{key}: {value!r} is not a Go duration")
+                durations(value, f"{path}{key}.")
+
+    durations(config, "")
+    return problems
+
+
+def test_collector_check_rejects_a_broken_config() -> None:
+    broken = {
+        "receivers": {"otlp": {}, "kafka": {}},
+        "processors": {"batch": {"timeout": 2}, "memory_limiter": {"check_interval": "1s"}},
+        "exporters": {"debug": {}},
+        "service": {
+            "pipelines": {
+                "traces": {
+                    "receivers": ["otlp"],
+                    "processors": ["batch", "memory_limiter"],
+                    "exporters": ["debug", "jaeger"],
+                }
+            }
+        },
+    }
+    problems = collector_problems(broken)
+    assert "receivers: 'kafka' is not in the core distribution" in problems
+    assert "receiver 'kafka' is defined but unused" in problems
+    assert "processors.batch.timeout: 2 is not a Go duration" in problems
+    assert "pipeline traces: exporter 'jaeger' is not defined" in problems
+    assert "pipeline traces: memory_limiter must come first" in problems
+    assert collector_problems({"service": {}}) == ["service.pipelines missing"]
+
+
+def test_collector_config_is_valid_and_receives_the_dispatchers_traces() -> None:
+    config = _load(COLLECTOR_CONFIG)
+    assert collector_problems(config) == []
+    services = _compose()["services"]
+    collector = services["otel-collector"]
+    image, _, tag = collector["image"].rpartition(":")
+    assert image == "otel/opentelemetry-collector", "core components only: the core image"
+    assert re.fullmatch(r"\d+\.\d+\.\d+", tag), tag
+    (flag,) = collector["command"]
+    target = flag.removeprefix("--config=")
+    mounts = dict(v.split(":")[:2] for v in collector["volumes"])
+    assert mounts["./otel-collector.yaml"] == target
+    assert "ports" not in collector, "only the stack's own containers export to it"
+    # The dispatcher exports to the collector's OTLP/HTTP receiver, on a shared network.
+    dispatcher = services["dispatcher"]
+    endpoint = dispatcher["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"]
+    assert tracing_settings(endpoint).endpoint == endpoint + "/v1/traces"
+    host_port = endpoint.removeprefix("http://")
+    host, _, port = host_port.partition(":")
+    assert host == "otel-collector"
+    listen = config["receivers"]["otlp"]["protocols"]["http"]["endpoint"]
+    assert listen == f"0.0.0.0:{port}"
+    assert "traces" in config["service"]["pipelines"]
+    assert set(collector["networks"]) & set(dispatcher["networks"])
+    assert "otel-collector" in dispatcher["depends_on"]
+
+
+def test_traces_flow_on_to_tempo_and_grafana_links_exemplars_to_them() -> None:
+    services = _compose()["services"]
+    collector_config = _load(COLLECTOR_CONFIG)
+    tempo_service = services["tempo"]
+    image, _, tag = tempo_service["image"].rpartition(":")
+    assert image == "grafana/tempo"
+    assert re.fullmatch(r"\d+\.\d+\.\d+", tag), tag
+    (flag,) = tempo_service["command"]
+    mounts = dict(v.split(":")[:2] for v in tempo_service["volumes"])
+    assert mounts["./tempo.yaml"] == flag.removeprefix("-config.file=")
+    tempo = _load(DEPLOY / "tempo.yaml")
+    assert set(tempo) <= {
+        "stream_over_http_enabled",
+        "server",
+        "distributor",
+        "storage",
+        "compactor",
+        "ingester",
+    }
+    # The collector's exporter reaches Tempo's OTLP/HTTP receiver on a shared network.
+    exporter = collector_config["exporters"]["otlphttp/tempo"]["endpoint"]
+    host, port = exporter.removeprefix("http://").split(":")
+    assert host == "tempo"
+    listen = tempo["distributor"]["receivers"]["otlp"]["protocols"]["http"]["endpoint"]
+    assert listen == f"0.0.0.0:{port}"
+    assert set(tempo_service["networks"]) & set(services["otel-collector"]["networks"])
+    assert "otlphttp/tempo" in collector_config["service"]["pipelines"]["traces"]["exporters"]
+    storage = tempo["storage"]["trace"]
+    assert storage["backend"] == "local"
+    # The image runs as a non-root user and no volume is mounted there: /tmp is writable.
+    assert storage["local"]["path"].startswith("/tmp/")
+    assert storage["wal"]["path"].startswith("/tmp/")
+    # Grafana: the Tempo datasource points at Tempo's HTTP port; Prometheus exemplars link
+    # their trace_id label (what the dispatcher attaches) to it by uid.
+    provisioning = ROOT / "grafana" / "provisioning" / "datasources"
+    (tempo_ds,) = _load(provisioning / "tempo.yaml")["datasources"]
+    assert tempo_ds["url"] == f"http://tempo:{tempo['server']['http_listen_port']}"
+    assert tempo_ds["type"] == "tempo"
+    (prometheus_ds,) = _load(provisioning / "prometheus.yaml")["datasources"]
+    (link,) = prometheus_ds["jsonData"]["exemplarTraceIdDestinations"]
+    assert link["name"] == tracing.EXEMPLAR_TRACE_ID
+    assert link["datasourceUid"] == tempo_ds["uid"]
+    assert tempo_ds["jsonData"]["tracesToMetrics"]["datasourceUid"] == prometheus_ds["uid"]
+    assert "tempo" in services["grafana"]["depends_on"]
+    # …and the end-to-end latency panel asks for the exemplars, on both dashboards.
+    for name in ("overview.json", "subscription.json"):
+        dashboard = json.loads((ROOT / "grafana" / "dashboards" / name).read_text())
+        (panel,) = [p for p in dashboard["panels"] if p["title"] == "End-to-end latency"]
+        assert all(t.get("exemplar") is True for t in panel["targets"]), name
+        assert all("dispatcher_delivery_latency_seconds" in t["expr"] for t in panel["targets"])
+
+
+def tracing_settings(endpoint: str) -> Any:
+    settings = tracing.settings_from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint})
+    assert settings is not None
+    return settings
+
+
+def test_compose_prometheus_keeps_exemplars() -> None:
+    prometheus = _compose()["services"]["prometheus"]
+    assert "--enable-feature=exemplar-storage" in prometheus["command"]
+    # Overriding the command drops the image's defaults: the config path must be given back.
+    assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
 
 
 def test_compose_mounts_the_shipped_observability_files() -> None:

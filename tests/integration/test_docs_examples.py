@@ -168,8 +168,16 @@ async def test_the_documented_publish_statement_inserts_what_publish_inserts(poo
         url="https://example.com/hooks", event_types=["order.*"], secret=signing.generate_secret()
     )
     payload = {"order_id": 7, "lines": [{"sku": "a", "qty": 2}], "note": "é"}
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
     by_hand = await pool.fetchval(
-        statement, "order.paid", json.dumps(payload), subscription["id"], "order-7", "by-hand"
+        statement,
+        "order.paid",
+        json.dumps(payload),
+        subscription["id"],
+        "order-7",
+        "by-hand",
+        traceparent,
+        "shop=1",
     )
     async with pool.acquire() as conn:
         published = await dispatcher.publish(
@@ -179,9 +187,13 @@ async def test_the_documented_publish_statement_inserts_what_publish_inserts(poo
             event_id="published",
             subscription_id=subscription["id"],
             ordering_key="order-7",
+            traceparent=traceparent,
+            tracestate="shop=1",
         )
     assert (by_hand, published) == ("by-hand", "published")
-    columns = "event_type, payload, subscription_id, ordering_key, routed_at"
+    columns = (
+        "event_type, payload, subscription_id, ordering_key, routed_at, traceparent, tracestate"
+    )
     rows = await pool.fetch(
         f"SELECT event_id, {columns} FROM webhook_outbox WHERE event_id = ANY($1::text[])",
         ["by-hand", "published"],
@@ -190,7 +202,7 @@ async def test_the_documented_publish_statement_inserts_what_publish_inserts(poo
     assert by_id["by-hand"] == by_id["published"]
 
     # NULL for $5: both generate an `evt_<uuid hex>` id; an id that exists is refused by both.
-    generated = await pool.fetchval(statement, "order.paid", "{}", None, None, None)
+    generated = await pool.fetchval(statement, "order.paid", "{}", None, None, None, None, None)
     async with pool.acquire() as conn:
         generated_by_publish = await dispatcher.publish(conn, "order.paid", {})
         for event_id in (generated, generated_by_publish):
@@ -198,4 +210,4 @@ async def test_the_documented_publish_statement_inserts_what_publish_inserts(poo
         with pytest.raises(asyncpg.UniqueViolationError):
             await dispatcher.publish(conn, "order.paid", {}, event_id="by-hand")
     with pytest.raises(asyncpg.UniqueViolationError):
-        await pool.fetchval(statement, "order.paid", "{}", None, None, "published")
+        await pool.fetchval(statement, "order.paid", "{}", None, None, "published", None, None)

@@ -28,11 +28,17 @@ async def test_core_leaves_the_agent_table_to_the_agent_track(empty_dsn: str) ->
     conn = await asyncpg.connect(empty_dsn)
     try:
         assert not await _has_table(conn, "agent_jobs")
-        assert await migrate.pending(conn, store.MIGRATIONS) == ["001_jobs.sql"]
+        assert await migrate.pending(conn, store.MIGRATIONS) == [
+            "001_jobs.sql",
+            "002_trace_context.sql",
+        ]
     finally:
         await conn.close()
 
-    assert await app.migrate_database(empty_dsn, store.MIGRATIONS) == ["001_jobs.sql"]
+    assert await app.migrate_database(empty_dsn, store.MIGRATIONS) == [
+        "001_jobs.sql",
+        "002_trace_context.sql",
+    ]
     assert await app.migrate_database(empty_dsn, store.MIGRATIONS) == []
     assert await app.migrate_database(empty_dsn) == []
     conn = await asyncpg.connect(empty_dsn)
@@ -41,7 +47,10 @@ async def test_core_leaves_the_agent_table_to_the_agent_track(empty_dsn: str) ->
         assert await migrate.pending(conn, store.MIGRATIONS) == []
         # Each track keeps its own books.
         agent_books = await conn.fetch("SELECT version, name FROM agent_migrations")
-        assert [tuple(r) for r in agent_books] == [(1, "001_jobs.sql")]
+        assert [tuple(r) for r in agent_books] == [
+            (1, "001_jobs.sql"),
+            (2, "002_trace_context.sql"),
+        ]
         core_names = await conn.fetch("SELECT name FROM dispatcher_migrations")
         assert "001_jobs.sql" not in {r["name"] for r in core_names}
     finally:
@@ -55,7 +64,7 @@ async def test_the_guard_names_the_track_that_is_behind(empty_dsn: str) -> None:
         await migrate.require_current(pool)  # the dispatcher needs only its own track
         with pytest.raises(migrate.SchemaNotReady) as caught:
             await migrate.require_current(pool, migrate.CORE, store.MIGRATIONS)
-        assert "001_jobs.sql of the agent track" in str(caught.value)
+        assert "001_jobs.sql, 002_trace_context.sql of the agent track" in str(caught.value)
         assert "run `dispatcher agent --migrate` first" in str(caught.value)
     finally:
         await pool.close()
@@ -86,7 +95,10 @@ async def test_a_database_migrated_before_the_split_upgrades_in_place(empty_dsn:
         await conn.close()
 
     assert await app.migrate_database(empty_dsn) == []
-    assert await app.migrate_database(empty_dsn, store.MIGRATIONS) == ["001_jobs.sql"]
+    assert await app.migrate_database(empty_dsn, store.MIGRATIONS) == [
+        "001_jobs.sql",
+        "002_trace_context.sql",
+    ]
     pool = await db_pool.create_pool(empty_dsn, min_size=1, max_size=1)
     try:
         await migrate.require_current(pool, migrate.CORE, store.MIGRATIONS)
@@ -96,5 +108,6 @@ async def test_a_database_migrated_before_the_split_upgrades_in_place(empty_dsn:
 
 
 def _former_002_sql() -> str:
-    (only,) = migrate.load(store.MIGRATIONS)
-    return only.sql.replace(" IF NOT EXISTS", "")
+    jobs = migrate.load(store.MIGRATIONS)[0]
+    assert jobs.name == "001_jobs.sql"
+    return jobs.sql.replace(" IF NOT EXISTS", "")

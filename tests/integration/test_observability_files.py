@@ -56,6 +56,7 @@ KNOWN_METRICS = (
         "dispatcher_outbox_backlog",
         "dispatcher_leases_reclaimed_total",
         "dispatcher_stale_acks_total",
+        "dispatcher_claim_failing_seconds",
         "dispatcher_subscriptions_disabled_total",
         "dispatcher_ssrf_blocked_total",
         "dispatcher_events_routed_total",

@@ -10,7 +10,7 @@ never expose it beyond loopback.
 Paths: ``/ok/<tag>/…`` answers 200 and counts; ``/lat/<tag>/…`` also records arrival minus
 the ``bench_t`` insert time carried in the JSON body (same host clock); ``/hole/<tag>/…``
 reads the request and never answers (a blackholed endpoint). ``GET /_stats`` returns the
-counters per tag as JSON. Run: ``python -m dispatcher.bench_receiver``; it prints its port on
+counters per tag as JSON. Run: ``python -m dispatcher.bench.receiver``; it prints its port on
 the first stdout line and exits when stdin closes.
 """
 
