@@ -330,7 +330,7 @@ class Management:
         for column, value in changes.items():
             cast = _UPDATABLE[column]
             if column == "headers":
-                args.append(repository.sealed_headers(self.repo.box, value))
+                args.append(await self._headers_to_store(subscription_id, value))
             else:
                 args.append(orjson.dumps(value).decode() if column in _JSON_COLUMNS else value)
             sets.append(f"{column} = ${len(args)}{cast}")
@@ -349,6 +349,34 @@ class Management:
         if row is None:
             raise NotFound(f"subscription {subscription_id} does not exist")
         return subscription_dict(row)
+
+    async def _headers_to_store(
+        self, subscription_id: uuid.UUID, headers: dict[str, str] | None
+    ) -> str:
+        """Sealed JSON for an update's headers. Reads show values masked, so a client that
+        sends a read back unchanged sends the mask: that keeps the stored value of the header
+        of that name instead of storing the mask."""
+        headers = headers or {}
+        kept = [name for name, value in headers.items() if value == repository.MASKED_HEADER_VALUE]
+        if not kept:
+            return repository.sealed_headers(self.repo.box, headers)
+        # Plain read: the UPDATE that follows takes the row lock.
+        stored_text = await self.pool.fetchval(
+            "SELECT headers::text FROM webhook_subscriptions WHERE id = $1", subscription_id
+        )
+        stored: dict[str, str] = orjson.loads(stored_text) if stored_text else {}
+        for name in kept:
+            if name not in stored:
+                raise validation.ValidationError(
+                    "invalid_value",
+                    f"headers.{name}",
+                    "the masked value keeps a stored header; this subscription has none by "
+                    "that name",
+                )
+        fresh = {n: v for n, v in headers.items() if n not in kept}
+        sealed: dict[str, str] = orjson.loads(repository.sealed_headers(self.repo.box, fresh))
+        sealed.update({name: stored[name] for name in kept})
+        return orjson.dumps(sealed).decode()
 
     async def enable_subscription(self, subscription_id: uuid.UUID) -> dict[str, Any]:
         await self.get_subscription(subscription_id)

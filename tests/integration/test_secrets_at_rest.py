@@ -233,3 +233,38 @@ async def test_reencrypt_seals_header_values_written_in_clear(pool: Any) -> None
     assert sealed.startswith(secretbox.PREFIX)
     assert box.open(sealed) == "Bearer from-before-keys-91c"
     assert (await db_secrets.reencrypt(pool, box)).resealed == 0
+
+
+async def test_a_read_sent_back_keeps_the_masked_header_values(
+    start_dispatcher: Any, pool: Any, receiver: support.Receiver
+) -> None:
+    """Reads mask header values, so a client that PATCHes a read back unchanged sends the mask:
+    the stored value of that header stays, a changed one is replaced, and a mask for a header
+    the subscription does not have is refused."""
+    credential = "Bearer receiver-credential-0c4e1b"
+    running = await start_dispatcher(admin_token=TOKEN, secret_keys=f"k1:{K1}")
+    async with aiohttp.ClientSession() as session:
+        api = Client(session, f"http://127.0.0.1:{running.dispatcher.bound_port}/v1")
+        created = await api.post(
+            "/subscriptions",
+            {
+                "url": receiver.url,
+                "event_types": ["hdr.*"],
+                "headers": {"Authorization": credential, "X-Tenant": "t1"},
+            },
+        )
+        assert created.status == 201, created
+        sid = created.body["id"]
+        read = (await api.get(f"/subscriptions/{sid}")).body["headers"]
+        patched = await api.patch(f"/subscriptions/{sid}", {"headers": {**read, "X-Tenant": "t2"}})
+        assert patched.status == 200, patched
+        refused = await api.patch(
+            f"/subscriptions/{sid}", {"headers": {**read, "X-Other": "********"}}
+        )
+        assert refused.status == 400, refused
+        async with pool.acquire() as conn:
+            event = await dispatcher.publish(conn, "hdr.one", {"n": 1})
+        await support.wait_for(lambda: event in receiver.ids(), message="delivered")
+        [request] = [r for r in receiver.ok() if r.headers["webhook-id"] == event]
+        assert request.headers["authorization"] == credential
+        assert request.headers["x-tenant"] == "t2"
