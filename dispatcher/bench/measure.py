@@ -15,11 +15,22 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from dispatcher.bench.database import BenchDb
-    from dispatcher.bench.procs import ReceiverProcess
+
+class BenchDb(Protocol):
+    """What measuring needs of the bench database (``database.BenchDb``); a protocol, so
+    this module imports neither the database nor the process modules that import it."""
+
+    async def backend_pids(self) -> list[int]: ...
+
+    async def unfinished(self, subs: Sequence[uuid.UUID]) -> int: ...
+
+
+class ReceiverProcess(Protocol):
+    """What measuring needs of the bench receiver (``procs.ReceiverProcess``)."""
+
+    async def tag(self, name: str) -> dict[str, Any]: ...
 
 
 class Progress:
