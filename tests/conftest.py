@@ -92,13 +92,12 @@ def template_dsn(server_dsn: str) -> Iterator[str]:
     asyncio.run(drop())
 
 
-@pytest.fixture
-async def dsn(server_dsn: str, template_dsn: str) -> AsyncIterator[str]:
-    """A fresh, migrated database for this test (a clone of the template)."""
-    name = f"t_{uuid.uuid4().hex[:12]}"
+@contextlib.asynccontextmanager
+async def _scratch_database(server_dsn: str, name: str, create_sql: str) -> AsyncIterator[str]:
+    """Create a database with ``create_sql`` for one test, yield its DSN, drop it after."""
     conn = await _admin(server_dsn)
     try:
-        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE}"')
+        await conn.execute(create_sql)
     finally:
         await conn.close()
     yield support.with_database(server_dsn, name)
@@ -107,23 +106,23 @@ async def dsn(server_dsn: str, template_dsn: str) -> AsyncIterator[str]:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await conn.close()
+
+
+@pytest.fixture
+async def dsn(server_dsn: str, template_dsn: str) -> AsyncIterator[str]:
+    """A fresh, migrated database for this test (a clone of the template)."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    create = f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE}"'
+    async with _scratch_database(server_dsn, name, create) as url:
+        yield url
 
 
 @pytest.fixture
 async def empty_dsn(server_dsn: str) -> AsyncIterator[str]:
     """A database with no schema at all (the ``dsn`` fixture's clones are migrated)."""
     name = f"t_empty_{uuid.uuid4().hex[:12]}"
-    conn = await _admin(server_dsn)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    yield support.with_database(server_dsn, name)
-    conn = await _admin(server_dsn)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
+    async with _scratch_database(server_dsn, name, f'CREATE DATABASE "{name}"') as url:
+        yield url
 
 
 @pytest.fixture
