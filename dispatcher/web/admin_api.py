@@ -197,7 +197,7 @@ def probe_guard(token: str, protected_paths: Collection[str]) -> Any:
 
 async def _body(request: web.Request, *, required: bool = False) -> dict[str, Any]:
     raw = await request.read()
-    if not raw.strip():
+    if not raw:  # whitespace alone is not an absent body: it is invalid JSON
         if required:
             raise validation.invalid("body", "a JSON object body is required", "body_required")
         return {}

@@ -139,3 +139,10 @@ async def test_a_wrong_method_is_405_with_allow(api: Client, method: str, path: 
 
 async def test_an_unknown_path_is_still_404(api: Client) -> None:
     problem(await api.get("/nope/deeper"), 404, "http_404")
+
+
+async def test_a_whitespace_body_is_invalid_json_not_an_absent_one(api: Client) -> None:
+    # An empty body means "no options"; whitespace alone is a body that is not JSON.
+    sid = "00000000-0000-0000-0000-000000000001"
+    reply = await api.call("POST", f"/subscriptions/{sid}/rotate-secret", raw=b"\t")
+    problem(reply, 400, "invalid_json")
