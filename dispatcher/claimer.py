@@ -232,7 +232,7 @@ class _Children:
     def __init__(self, m: metrics.Metrics, label: str) -> None:
         self._m = m
         self.label = label
-        self.in_flight = m.in_flight.labels(subscription=label)
+        self.on_wire = m.on_wire(label)
         self.attempt_duration = m.attempt_duration.labels(subscription=label)
         self.delivery_latency = m.delivery_latency.labels(subscription=label)
         self.delivered = m.deliveries.labels(subscription=label, result="delivered")
@@ -473,8 +473,8 @@ class Claimer:
 
     async def _deliver(self, job: model.Job) -> None:
         children = self._metric_children(job.subscription_id)
-        in_flight = children.in_flight
-        in_flight.inc()
+        on_wire = children.on_wire
+        on_wire.n += 1
         started_at = time.time()
         span = self._tracer.attempt(job)
         released = False
@@ -491,7 +491,7 @@ class Claimer:
                     duration_seconds=time.time() - started_at,
                 )
             finally:
-                in_flight.dec()
+                on_wire.n -= 1
             if result.verdict is not model.Verdict.GONE:
                 # The slot is free once the request is over (before its ack is queued, so
                 # the write that carries the ack can claim for it). After a 410 it is held
