@@ -127,35 +127,42 @@ class AckWriter:
         self._on_claimed = on_claimed
         self._on_claim_failed = on_claim_failed
         self._lease_seconds = lease_seconds
-        self._queue: asyncio.Queue[model.Ack] = asyncio.Queue()
+        # A list and an event rather than an asyncio.Queue: a put per delivery is an append
+        # (Queue.put_nowait and get_nowait were ~2 us a delivery, bench profile).
+        self._queue: list[model.Ack] = []
+        self._queued = asyncio.Event()
+        self._closing = False
         self.stale = 0
 
     def put(self, ack: model.Ack) -> None:
-        self._queue.put_nowait(ack)
+        self._queue.append(ack)
+        self._queued.set()
 
     def pending(self) -> int:
-        return self._queue.qsize()
+        return len(self._queue)
 
     async def run(self) -> None:
-        """Write until ``close()``'s marker comes through, then return."""
+        """Write whatever queued up while the last write ran, until ``close()`` was called
+        and everything queued is written; then return."""
         while True:
-            acks = [await self._queue.get()]
-            while len(acks) < self._batch and not self._queue.empty():
-                acks.append(self._queue.get_nowait())
-            closing = any(a is _CLOSE for a in acks)
-            acks = [a for a in acks if a is not _CLOSE]
-            if acks:
-                want = self._refill() if self._on_claimed is not None else 0
-                if want > 0:
-                    await self._write_and_claim(acks, want)
-                else:
-                    await self._write(acks)
-            if closing and self._queue.empty():
-                return
+            if not self._queue:
+                if self._closing:
+                    return
+                self._queued.clear()
+                await self._queued.wait()
+                continue
+            acks = self._queue[: self._batch]
+            del self._queue[: self._batch]
+            want = self._refill() if self._on_claimed is not None else 0
+            if want > 0:
+                await self._write_and_claim(acks, want)
+            else:
+                await self._write(acks)
 
     def close(self) -> None:
-        """Ask ``run()`` to return once everything queued so far is written."""
-        self._queue.put_nowait(_CLOSE)
+        """Ask ``run()`` to return once everything queued is written."""
+        self._closing = True
+        self._queued.set()
 
     async def _write_and_claim(self, acks: list[model.Ack], want: int) -> None:
         assert self._on_claimed is not None
@@ -247,10 +254,6 @@ class _Children:
                 subscription=self.label, outcome=outcome
             )
         return child
-
-
-# Marker queued by close(); never written.
-_CLOSE = model.Ack(0, 0, 0, model.DeliveryState.PENDING, None, None, None, 0.0, 0.0, "", None)
 
 
 class Claimer:
