@@ -65,8 +65,23 @@ class _Timestamp:
         return event
 
 
-def _orjson_dumps(value: Any, **_kw: Any) -> bytes:
-    return orjson.dumps(value, default=str, option=orjson.OPT_APPEND_NEWLINE)
+class _JsonLine:
+    """The JSON format's processors after the context merge, in one call: the same steps in
+    the same order (level, timestamp, redaction, exception text, orjson), the last two only
+    when the line needs them. A call per step was ~an eighth of the attempt line's cost."""
+
+    def __init__(self) -> None:
+        self._timestamp = _Timestamp()
+
+    def __call__(self, logger: Any, name: str, event: MutableMapping[str, Any]) -> bytes:
+        event = structlog.processors.add_log_level(logger, name, event)
+        event = self._timestamp(logger, name, event)
+        if not SENSITIVE_KEYS.isdisjoint(event):
+            event = drop_sensitive(logger, name, event)
+        if "exc_info" in event:
+            event = structlog.processors.format_exc_info(logger, name, event)
+        # orjson: json.dumps was ~10x slower.
+        return orjson.dumps(event, default=str, option=orjson.OPT_APPEND_NEWLINE)
 
 
 class LineWriter:
@@ -150,16 +165,21 @@ def configure(*, level: str = "info", fmt: str = "auto", stream: TextIO | None =
     out = stream or sys.stderr
     if fmt == "auto":
         fmt = "console" if out.isatty() else "json"
-    renderer: Any
+    steps: list[Any]
     if fmt == "json":
-        # orjson: the canonical per-attempt line is on the hot path (json.dumps is ~10x slower).
-        renderer = structlog.processors.JSONRenderer(serializer=_orjson_dumps)
+        steps = [_JsonLine()]
     else:
-        # Plain tracebacks: the rich formatter prints local variables, which can hold signed
-        # headers or a subscription's secret.
-        renderer = structlog.dev.ConsoleRenderer(
-            colors=out.isatty(), exception_formatter=structlog.dev.plain_traceback
-        )
+        steps = [
+            structlog.processors.add_log_level,
+            _Timestamp(),
+            drop_sensitive,
+            structlog.processors.format_exc_info,
+            # Plain tracebacks: the rich formatter prints local variables, which can hold
+            # signed headers or a subscription's secret.
+            structlog.dev.ConsoleRenderer(
+                colors=out.isatty(), exception_formatter=structlog.dev.plain_traceback
+            ),
+        ]
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
         raise ValueError(f"unknown log level {level!r}")
@@ -167,14 +187,7 @@ def configure(*, level: str = "info", fmt: str = "auto", stream: TextIO | None =
     writer = LineWriter(out)
     _current[:] = [writer]
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            _Timestamp(),
-            drop_sensitive,
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
+        processors=[structlog.contextvars.merge_contextvars, *steps],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=lambda *_args: writer,
         cache_logger_on_first_use=False,
