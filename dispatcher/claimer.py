@@ -301,6 +301,7 @@ class Claimer:
         # Metric children per subscription label: ``labels()`` is a locked dict lookup, and
         # an attempt touched six of them (bench profile).
         self._children: dict[str, _Children] = {}
+        self._children_of: dict[str, _Children] = {}  # by subscription id
         self._policies: dict[tuple[tuple[str, float], ...], config.RetryPolicy] = {}
         self._claiming = True
         self._tasks: dict[asyncio.Task[None], model.Job] = {}
@@ -468,10 +469,14 @@ class Claimer:
     # -- one delivery ----------------------------------------------------------------------
 
     def _metric_children(self, subscription_id: str) -> _Children:
-        label = self._metrics.label(subscription_id)
-        children = self._children.get(label)
+        children = self._children_of.get(subscription_id)
         if children is None:
-            children = self._children[label] = _Children(self._metrics, label)
+            # A subscription's label never changes once given (metrics.SubscriptionLabels).
+            label = self._metrics.label(subscription_id)
+            children = self._children.get(label)
+            if children is None:
+                children = self._children[label] = _Children(self._metrics, label)
+            self._children_of[subscription_id] = children
         return children
 
     async def _deliver(self, job: model.Job) -> None:
