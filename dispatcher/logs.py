@@ -109,7 +109,9 @@ class LineWriter:
             self._stream.write(_as_text(message))
             self._stream.flush()
             return
-        self._pending.append(message if isinstance(message, bytes) else _as_text(message).encode())
+        line = message if isinstance(message, bytes) else _as_text(message).encode()
+        with self._lock:  # a thread may log while the loop's callback writes
+            self._pending.append(line)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -128,15 +130,20 @@ class LineWriter:
             pending, self._pending = self._pending, []
             if not pending:
                 return
-            self._stream.flush()  # what went through the text layer first keeps its place
-            data = memoryview(b"".join(pending))
-            while data:
-                # An unbuffered binary layer (FileIO) may take part of a large write.
-                written = self._binary.write(data)
-                if not written:
-                    break  # a non-blocking stream that is full: drop rather than spin
-                data = data[written:]
-            self._binary.flush()
+            try:
+                self._stream.flush()  # what went through the text layer first keeps its place
+                data = memoryview(b"".join(pending))
+                while data:
+                    # An unbuffered binary layer (FileIO) may take part of a large write.
+                    written = self._binary.write(data)
+                    if not written:
+                        break  # a non-blocking stream that is full: drop rather than spin
+                    data = data[written:]
+                self._binary.flush()
+            except (OSError, ValueError):
+                # A closed or broken stream cannot take them; logging must not stop the
+                # process (this runs as a loop callback, far from the lines' callers).
+                pass
 
     log = debug = info = warn = warning = msg
     fatal = failure = err = error = critical = exception = msg

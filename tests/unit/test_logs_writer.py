@@ -109,3 +109,13 @@ def test_timestamps_keep_structlogs_iso_utc_format(
     parsed = datetime.datetime.fromisoformat(stamps[0])
     assert abs((now - parsed).total_seconds()) < 60
     assert stamps[1:] == ["2026-01-01T00:00:00Z", "2026-01-01T00:00:00.000005Z"]
+
+
+def test_a_closed_stream_drops_lines_instead_of_raising(tmp_path: pathlib.Path) -> None:
+    try:
+        with open(tmp_path / "out.log", "w") as stream:
+            logs.configure(fmt="json", stream=stream)
+        structlog.get_logger("t").info("after_close")  # must not raise at the caller
+        logs.flush()
+    finally:
+        structlog.reset_defaults()
