@@ -320,8 +320,8 @@ def build_session(
     resolver: aiohttp.abc.AbstractResolver | None = None,
     tls: ssl.SSLContext | None = None,
 ) -> aiohttp.ClientSession:
-    """The one shared client: keep-alive pool, no env proxies, no automatic decompression
-    (requests ask for ``identity``: ``Sender.build_headers``).
+    """The one shared client: keep-alive pool, no env proxies, no cookies, no automatic
+    decompression (requests ask for ``identity``: ``Sender.build_headers``).
 
     The connector connects only to addresses ``resolver`` returned (the SSRF guard pins them);
     TLS still sends the URL's host as SNI and verifies the certificate against it."""
@@ -335,6 +335,9 @@ def build_session(
     )
     return aiohttp.ClientSession(
         connector=connector,
+        # One session serves every subscription: a cookie one receiver set would go out with
+        # later deliveries to that host, for any subscription (tenant). None is kept.
+        cookie_jar=aiohttp.DummyCookieJar(),
         trust_env=False,
         auto_decompress=False,
         raise_for_status=False,
