@@ -13,10 +13,12 @@ import time
 from collections.abc import Callable, Mapping
 
 import aiohttp
+import yarl
 
 from dispatcher import backoff, model, signing
 
 USER_AGENT = "dispatcher-webhooks/0.1"
+_MAX_URLS = 4096
 # What HTTP/1.1 allows in a field name (a token) and value (visible ASCII, space, tab and
 # obs-text); aiohttp refuses the rest when the request is written.
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -106,6 +108,9 @@ class Sender:
         # Signer tuples by (signature header, extra signer names): the registry lookup built
         # a list and a tuple per attempt (bench profile).
         self._signers: dict[tuple[str | None, tuple[str, ...]], tuple[signing.Signer, ...]] = {}
+        # Parsed URLs by subscription URL string (bounded like the SSRF guard's cache): aiohttp
+        # parses a string URL on every request.
+        self._urls: dict[str, yarl.URL] = {}
 
     def build_headers(self, job: model.Job, timestamp: int) -> dict[str, str]:
         """The request's headers; ``UnsendableError`` when the subscription cannot produce them
@@ -194,11 +199,20 @@ class Sender:
                 return self._blocked(exc, started)
             raise
 
+    def _url(self, url: str) -> yarl.URL:
+        parsed = self._urls.get(url)
+        if parsed is None:
+            parsed = yarl.URL(url)
+            if len(self._urls) >= _MAX_URLS:
+                self._urls.clear()
+            self._urls[url] = parsed
+        return parsed
+
     async def _post(
         self, job: model.Job, headers: dict[str, str], started: float
     ) -> model.AttemptResult:
         async with self._session.post(
-            job.url,
+            self._url(job.url),
             data=job.body,
             headers=headers,
             allow_redirects=False,
@@ -216,17 +230,26 @@ class Sender:
 
     async def _read_capped(self, resp: aiohttp.ClientResponse) -> str:
         """Read at most ``response_max_bytes``; a longer body closes the connection."""
-        chunks: list[bytes] = []
-        remaining = self._max_bytes
-        while remaining > 0:
-            chunk = await resp.content.read(min(remaining, 65536))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            remaining -= len(chunk)
-        if remaining <= 0 and not resp.content.at_eof():
+        content = resp.content
+        if content.is_eof():
+            # The whole answer is buffered already (the usual short body framed by its
+            # length, or none): taken without a read loop.
+            raw = content.read_nowait(self._max_bytes)
+        else:
+            chunks: list[bytes] = []
+            remaining = self._max_bytes
+            while remaining > 0:
+                chunk = await content.read(min(remaining, 65536))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                remaining -= len(chunk)
+                if content.at_eof():
+                    break
+            raw = b"".join(chunks)
+        if not content.at_eof():
             resp.close()  # not reusable: the rest of the body is still on the wire
-        raw = b"".join(chunks)[: self._log_bytes]
+        raw = raw[: self._log_bytes]
         # Postgres text cannot hold NUL: one binary answer (a gzip bomb, say) would otherwise
         # make the whole ack batch fail on every retry (found by tests/chaos).
         return raw.decode("utf-8", errors="replace").replace("\x00", "\ufffd")

@@ -1,5 +1,5 @@
 """The sender against a real HTTP server on 127.0.0.1 (no database): what the shared session
-keeps between deliveries."""
+keeps between deliveries, and how a capped response body ends its connection."""
 
 from __future__ import annotations
 
@@ -94,3 +94,28 @@ async def test_a_receivers_cookie_is_never_sent_back(server: tuple[Server, int])
         await session.close()
     assert first.verdict is second.verdict is model.Verdict.DELIVERED
     assert "Cookie" not in srv.requests[1][0]
+
+
+async def test_a_body_over_the_cap_is_cut_and_a_connection_with_unread_data_dropped(
+    server: tuple[Server, int],
+) -> None:
+    srv, port = server
+    http, session = _sender(response_max_bytes=16, response_log_bytes=8)
+    url = f"http://{HOST}:{port}/hook"
+    try:
+        srv.body = b"x" * 16  # exactly the cap: read whole, the connection is kept
+        at_cap = await http.send(_job(url))
+        kept = await http.send(_job(url))
+        # Far over the cap: the client stops reading long before the end, and the rest still
+        # on the wire makes the connection unusable, so it is closed.
+        srv.body = b"y" * (8 << 20)
+        over = await http.send(_job(url))
+        after = await http.send(_job(url))
+    finally:
+        await session.close()
+    assert at_cap.response_excerpt == "x" * 8
+    assert over.response_excerpt == "y" * 8
+    assert kept.verdict is after.verdict is model.Verdict.DELIVERED
+    connections = [client_port for _headers, client_port in srv.requests]
+    assert connections[0] == connections[1] == connections[2]
+    assert connections[3] != connections[2]
