@@ -1,8 +1,10 @@
 """The sender against a real HTTP server on 127.0.0.1 (no database): what the shared session
-keeps between deliveries, and how a capped response body ends its connection."""
+keeps between deliveries, how a capped response body ends its connection, and the attempt
+deadline (``asyncio.timeout``'s semantics on a timer shared by the Sender's attempts)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -24,9 +26,14 @@ class Server:
         self.body = b"ok"
         self.set_cookie = False
         self.requests: list[tuple[dict[str, str], int]] = []
+        self.hanging = 0
+        self.release = asyncio.Event()
 
     async def handle(self, request: web.Request) -> web.Response:
         await request.read()
+        if request.path.startswith("/hang"):
+            self.hanging += 1
+            await self.release.wait()
         assert request.transport is not None
         _host, client_port = request.transport.get_extra_info("peername")[:2]
         self.requests.append((dict(request.headers), client_port))
@@ -47,13 +54,15 @@ async def server() -> AsyncIterator[tuple[Server, int]]:
     await site.start()
     port = runner.addresses[0][1]
     yield srv, port
+    srv.release.set()
     await runner.cleanup()
 
 
 def _sender(**kw: Any) -> tuple[sender.Sender, Any]:
+    """A Sender reaching ``HOST`` (127.0.0.1) over one connection unless told otherwise."""
     policy = ssrf.AddressPolicy.from_strings(["127.0.0.0/8"])
     resolver = ssrf.build_connector_resolver(policy, support.StaticResolver({HOST: ["127.0.0.1"]}))
-    session = sender.build_session(max_connections=1, resolver=resolver)
+    session = sender.build_session(max_connections=kw.pop("max_connections", 1), resolver=resolver)
     options: dict[str, Any] = {
         "request_timeout_seconds": 5,
         "connect_timeout_seconds": 2,
@@ -119,3 +128,51 @@ async def test_a_body_over_the_cap_is_cut_and_a_connection_with_unread_data_drop
     connections = [client_port for _headers, client_port in srv.requests]
     assert connections[0] == connections[1] == connections[2]
     assert connections[3] != connections[2]
+
+
+async def test_each_attempt_ends_at_its_own_deadline_as_a_timeout(
+    server: tuple[Server, int],
+) -> None:
+    srv, port = server
+    http, session = _sender(request_timeout_seconds=0.3, max_connections=4)
+    base = f"http://{HOST}:{port}"
+    try:
+        # The first attempt to start finishes first: the shared timer, armed for its deadline,
+        # must then carry over to the hanging one behind it, and to one started later still.
+        quick = asyncio.create_task(http.send(_job(f"{base}/ok")))
+        hung = asyncio.create_task(http.send(_job(f"{base}/hang/1")))
+        assert (await quick).verdict is model.Verdict.DELIVERED
+        first = await hung
+        second = await http.send(_job(f"{base}/hang/2"))
+        # The deadline's cancellation was taken back: this task carries on undisturbed.
+        task = asyncio.current_task()
+        assert task is not None
+        assert task.cancelling() == 0
+        await asyncio.sleep(0)
+        after = await http.send(_job(f"{base}/ok"))
+    finally:
+        await session.close()
+    for result in (first, second):
+        assert result.outcome is model.Outcome.TIMEOUT
+        assert result.error == "request deadline exceeded"
+    assert srv.hanging == 2
+    assert after.verdict is model.Verdict.DELIVERED
+
+
+async def test_a_cancelled_attempt_stays_cancelled_not_timed_out(
+    server: tuple[Server, int],
+) -> None:
+    # The claimer's drain cancels attempts still running at shutdown: that must reach it as a
+    # cancellation, not be turned into a timeout outcome.
+    srv, port = server
+    http, session = _sender(request_timeout_seconds=30, max_connections=2)
+    try:
+        attempt = asyncio.create_task(http.send(_job(f"http://{HOST}:{port}/hang")))
+        await support.wait_for(lambda: srv.hanging == 1, message="the request on the wire")
+        attempt.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await attempt
+        after = await http.send(_job(f"http://{HOST}:{port}/ok"))
+    finally:
+        await session.close()
+    assert after.verdict is model.Verdict.DELIVERED
