@@ -5,6 +5,7 @@ deadline (``asyncio.timeout``'s semantics on a timer shared by the Sender's atte
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -58,7 +59,8 @@ async def server() -> AsyncIterator[tuple[Server, int]]:
     await runner.cleanup()
 
 
-def _sender(**kw: Any) -> tuple[sender.Sender, Any]:
+@contextlib.asynccontextmanager
+async def _sender(**kw: Any) -> AsyncIterator[sender.Sender]:
     """A Sender reaching ``HOST`` (127.0.0.1) over one connection unless told otherwise."""
     policy = ssrf.AddressPolicy.from_strings(["127.0.0.0/8"])
     resolver = ssrf.build_connector_resolver(policy, support.StaticResolver({HOST: ["127.0.0.1"]}))
@@ -69,7 +71,11 @@ def _sender(**kw: Any) -> tuple[sender.Sender, Any]:
         "response_max_bytes": 1024,
         "response_log_bytes": 64,
     } | kw
-    return sender.Sender(session, signing.SignerRegistry.load(), **options), session
+    try:
+        yield sender.Sender(session, signing.SignerRegistry.load(), **options)
+    finally:
+        await session.close()
+        await resolver.close()
 
 
 def _job(url: str, subscription: str = "s1") -> model.Job:
@@ -94,13 +100,10 @@ async def test_a_receivers_cookie_is_never_sent_back(server: tuple[Server, int])
     # One session serves every subscription: a cookie one receiver sets would otherwise go
     # out with the next delivery to that host, whichever subscription (tenant) it is for.
     srv, port = server
-    http, session = _sender()
-    try:
+    async with _sender() as http:
         srv.set_cookie = True
         first = await http.send(_job(f"http://{HOST}:{port}/a", "s1"))
         second = await http.send(_job(f"http://{HOST}:{port}/b", "s2"))
-    finally:
-        await session.close()
     assert first.verdict is second.verdict is model.Verdict.DELIVERED
     assert "Cookie" not in srv.requests[1][0]
 
@@ -109,9 +112,8 @@ async def test_a_body_over_the_cap_is_cut_and_a_connection_with_unread_data_drop
     server: tuple[Server, int],
 ) -> None:
     srv, port = server
-    http, session = _sender(response_max_bytes=16, response_log_bytes=8)
     url = f"http://{HOST}:{port}/hook"
-    try:
+    async with _sender(response_max_bytes=16, response_log_bytes=8) as http:
         srv.body = b"x" * 16  # exactly the cap: read whole, the connection is kept
         at_cap = await http.send(_job(url))
         kept = await http.send(_job(url))
@@ -120,8 +122,6 @@ async def test_a_body_over_the_cap_is_cut_and_a_connection_with_unread_data_drop
         srv.body = b"y" * (8 << 20)
         over = await http.send(_job(url))
         after = await http.send(_job(url))
-    finally:
-        await session.close()
     assert at_cap.response_excerpt == "x" * 8
     assert over.response_excerpt == "y" * 8
     assert kept.verdict is after.verdict is model.Verdict.DELIVERED
@@ -134,9 +134,8 @@ async def test_each_attempt_ends_at_its_own_deadline_as_a_timeout(
     server: tuple[Server, int],
 ) -> None:
     srv, port = server
-    http, session = _sender(request_timeout_seconds=0.3, max_connections=4)
     base = f"http://{HOST}:{port}"
-    try:
+    async with _sender(request_timeout_seconds=0.3, max_connections=4) as http:
         # The first attempt to start finishes first: the shared timer, armed for its deadline,
         # must then carry over to the hanging one behind it, and to one started later still.
         quick = asyncio.create_task(http.send(_job(f"{base}/ok")))
@@ -150,8 +149,6 @@ async def test_each_attempt_ends_at_its_own_deadline_as_a_timeout(
         assert task.cancelling() == 0
         await asyncio.sleep(0)
         after = await http.send(_job(f"{base}/ok"))
-    finally:
-        await session.close()
     for result in (first, second):
         assert result.outcome is model.Outcome.TIMEOUT
         assert result.error == "request deadline exceeded"
@@ -165,14 +162,11 @@ async def test_a_cancelled_attempt_stays_cancelled_not_timed_out(
     # The claimer's drain cancels attempts still running at shutdown: that must reach it as a
     # cancellation, not be turned into a timeout outcome.
     srv, port = server
-    http, session = _sender(request_timeout_seconds=30, max_connections=2)
-    try:
+    async with _sender(request_timeout_seconds=30, max_connections=2) as http:
         attempt = asyncio.create_task(http.send(_job(f"http://{HOST}:{port}/hang")))
         await support.wait_for(lambda: srv.hanging == 1, message="the request on the wire")
         attempt.cancel()
         with pytest.raises(asyncio.CancelledError):
             await attempt
         after = await http.send(_job(f"http://{HOST}:{port}/ok"))
-    finally:
-        await session.close()
     assert after.verdict is model.Verdict.DELIVERED
