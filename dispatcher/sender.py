@@ -294,13 +294,14 @@ class Sender:
     async def _post(
         self, job: model.Job, headers: dict[str, str], started: float
     ) -> model.AttemptResult:
-        async with self._session.post(
+        resp = await self._session.post(
             self._url(job.url),
             data=job.body,
             headers=headers,
             allow_redirects=False,
             timeout=self._timeout,
-        ) as resp:
+        )
+        try:
             excerpt = await self._read_capped(resp)
             duration = time.monotonic() - started
             return classify_response(
@@ -310,6 +311,9 @@ class Sender:
                 excerpt=excerpt,
                 now=self._clock(),
             )
+        finally:
+            resp.release()
+            await resp.wait_for_close()
 
     async def _read_capped(self, resp: aiohttp.ClientResponse) -> str:
         """Read at most ``response_max_bytes``; a longer body closes the connection."""
