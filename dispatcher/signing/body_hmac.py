@@ -7,10 +7,10 @@ rotation is what the Standard Webhooks header (always sent) is for."""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-
 from dispatcher import signing
+
+# The key is the secret string's UTF-8 bytes.
+_MACS = signing.KeyedMacs(str.encode)
 
 
 class BodyHmacSigner:
@@ -19,5 +19,7 @@ class BodyHmacSigner:
     def headers(self, item: signing.SigningInput) -> dict[str, str]:
         if not item.header_name:
             raise signing.SigningError("body-hmac signer needs a signature header name")
-        digest = hmac.new(item.secrets[0].encode(), item.body, hashlib.sha256).hexdigest()
+        mac = _MACS.new(item.secrets[0])
+        mac.update(item.body)
+        digest = mac.hexdigest()
         return {item.header_name: "sha256=" + digest}

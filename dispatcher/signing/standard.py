@@ -10,10 +10,11 @@ but no ``webhook-signature``."""
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
 
 from dispatcher import signing
+
+# Keyed by the whole ``whsec_`` string; the key is its decoded base64.
+_MACS = signing.KeyedMacs(signing.secret_key_bytes)
 
 
 class StandardWebhooksSigner:
@@ -27,7 +28,8 @@ class StandardWebhooksSigner:
         for secret in item.secrets:
             if not signing.is_standard_secret(secret):
                 continue
-            mac = hmac.new(signing.secret_key_bytes(secret), prefix, hashlib.sha256)
+            mac = _MACS.new(secret)
+            mac.update(prefix)
             mac.update(item.body)
             parts.append("v1," + base64.b64encode(mac.digest()).decode())
         headers = {"webhook-id": item.msg_id, "webhook-timestamp": str(item.timestamp)}

@@ -138,3 +138,30 @@ def test_registry_keeps_the_signers_it_is_given() -> None:
     signer = body_hmac.BodyHmacSigner()
     assert signing.SignerRegistry({"mine": signer}).get("mine") is signer
     assert {"standard-webhooks", "body-hmac"} <= set(signing.SignerRegistry.load().names())
+
+
+def test_kept_keys_sign_each_message_afresh_and_a_rotated_secret_at_once() -> None:
+    # Signers keep keyed HMAC states per secret: repeated use must not carry one message into
+    # the next, and a new secret string must sign with its own key from its first use.
+    signer = standard.StandardWebhooksSigner()
+    first, second = signing.generate_secret(), signing.generate_secret()
+    for secret in (first, first, second, first):
+        item = _item((secret,), header="X-AgentX-Signature")
+        headers = signer.headers(item) | body_hmac.BodyHmacSigner().headers(item)
+        standardwebhooks.Webhook(secret).verify(item.body, headers)
+        expected = hmac.new(secret.encode(), item.body, hashlib.sha256).hexdigest()
+        assert headers["X-AgentX-Signature"] == "sha256=" + expected
+    with pytest.raises(standardwebhooks.webhooks.WebhookVerificationError):
+        standardwebhooks.Webhook(first).verify(item.body, signer.headers(_item((second,))))
+
+
+def test_kept_keys_are_bounded_refuse_bad_secrets_each_time_and_never_show() -> None:
+    macs = signing.KeyedMacs(signing.secret_key_bytes, max_entries=2)
+    secrets = [signing.generate_secret() for _ in range(3)]
+    for secret in secrets:
+        macs.new(secret)
+    assert repr(macs) == "KeyedMacs(1 keys)"  # cleared when full, then the third one kept
+    assert not any(s in repr(macs) or s[6:] in repr(macs) for s in secrets)
+    for _ in range(2):
+        with pytest.raises(signing.SigningError):
+            macs.new("whsec_not base64!")
