@@ -53,6 +53,10 @@ SICK_OUTCOMES = frozenset(
         model.Outcome.OTHER,
     }
 )
+# Verdicts that are not health signals (see Monitor.observe).
+NOT_HEALTH_SIGNALS = frozenset(
+    {model.Verdict.BLOCKED, model.Verdict.GONE, model.Verdict.UNSENDABLE}
+)
 GONE_REASON = "endpoint answered 410 Gone"
 # A healthy subscription's last_success_at is refreshed at most this often.
 SUCCESS_REFRESH_SECONDS = 60.0
@@ -155,16 +159,15 @@ class Monitor:
         if probe_of is not None:
             self._probe_results.append(ProbeResult(probe_of, ok, None if ok else result.error))
             self._kick.set()
-        if result.verdict in (
-            model.Verdict.BLOCKED,
-            model.Verdict.GONE,
-            model.Verdict.UNSENDABLE,
-        ):
+        if result.verdict in NOT_HEALTH_SIGNALS:
             # Configuration (SSRF guard, unsendable) and 410 (see gone()) are not health
             # signals; a probe's answer above still counts, so a paused probe is not stranded.
             return
         now = self._clock()
-        sub = self._subs.setdefault(job.subscription_id, _Sub())
+        sub = self._subs.get(job.subscription_id)
+        if sub is None:
+            # Not setdefault(): that built a _Sub (and its deque) on every attempt.
+            sub = self._subs[job.subscription_id] = _Sub()
         if probe_of is not None and ok:
             # Recovered: judge what follows on its own, not on failures from before the pause.
             sub.window.clear()

@@ -61,6 +61,20 @@ class SubscriptionLabels:
         return OTHER
 
 
+class OnWire:
+    """Requests on the wire for one subscription label: a plain number the claimer moves,
+    read by ``dispatcher_in_flight`` at scrape time (a gauge inc and dec per delivery each
+    took a lock)."""
+
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def __call__(self) -> float:
+        return self.n
+
+
 class Metrics:
     def __init__(
         self,
@@ -119,6 +133,7 @@ class Metrics:
             sub,
             registry=registry,
         )
+        self._on_wire: dict[str, OnWire] = {}
         self.subscription_up = prom.Gauge(
             "dispatcher_subscription_up", "1 healthy, 0 paused or disabled.", sub, registry=registry
         )
@@ -214,3 +229,12 @@ class Metrics:
         self.build_info.labels(version=version).set(1)
         for outcome in ("routed", "unmatched", "unknown_subscription"):
             self.events_routed.labels(result=outcome)
+
+    def on_wire(self, label: str) -> OnWire:
+        """The count behind ``dispatcher_in_flight{subscription=label}`` (one per label, so
+        every claimer of this registry moves the same one)."""
+        count = self._on_wire.get(label)
+        if count is None:
+            count = self._on_wire[label] = OnWire()
+            self.in_flight.labels(subscription=label).set_function(count)
+        return count

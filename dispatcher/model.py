@@ -90,7 +90,10 @@ class AttemptResult:
     response_excerpt: str | None = None
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+# Job and Ack are built once per delivery and never changed afterwards, but are not frozen:
+# a frozen dataclass's __init__ sets each field through object.__setattr__, ~4 us for a Job
+# and ~2 us for an Ack against ~0.4 us unfrozen (a few % of a delivery's CPU).
+@dataclasses.dataclass(slots=True)
 class Job:
     """One claimed delivery: everything needed to send it and to fence its result."""
 
@@ -122,7 +125,7 @@ class Job:
     problem: str | None = None
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class Ack:
     """The result of one attempt, to be applied if the lease token still matches."""
 

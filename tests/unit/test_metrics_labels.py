@@ -30,6 +30,20 @@ def test_counters_fold_through_the_metrics_label() -> None:
     assert get("dispatcher_attempts_total", {"subscription": "other", "outcome": "success"}) == 2
 
 
+def test_in_flight_reads_the_count_the_claimer_moves_at_scrape_time() -> None:
+    registry = prom.CollectorRegistry()
+    m = metrics.Metrics(registry, max_subscriptions=1)
+    on_wire = m.on_wire(m.label("a"))
+    assert m.on_wire("a") is on_wire  # one count per label, whoever asks
+    on_wire.n += 3
+    m.on_wire(m.label("b")).n += 1
+    get = registry.get_sample_value
+    assert get("dispatcher_in_flight", {"subscription": "a"}) == 3
+    assert get("dispatcher_in_flight", {"subscription": "other"}) == 1
+    on_wire.n -= 3
+    assert get("dispatcher_in_flight", {"subscription": "a"}) == 0
+
+
 def _snapshot() -> db_gauges.Snapshot:
     subs = (
         db_gauges.Subscription("a", enabled=True, oldest_age_seconds=5.0),
