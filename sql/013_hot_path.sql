@@ -25,7 +25,12 @@
 --    check is dropped; what the key also did, deleting a delivery's attempts with it, a
 --    statement trigger on the deliveries now does, for every DELETE (retention, a deleted
 --    subscription or event cascading) and TRUNCATE.
--- 3. One statement trigger for UPDATE instead of two (004's counts and 011's dead-letter
+-- 3. The ack finds its rows by primary key. Its generic plan read every in-flight row of
+--    every subscription through webhook_deliveries_in_flight (the partial index matched its
+--    state = 'in_flight' test and was estimated at one row) and joined the arguments to each
+--    of them: with 100 requests on the wire and 10 acks, 1000 joined rows per ack, a cost
+--    that grew with the traffic, not with the acks.
+-- 4. One statement trigger for UPDATE instead of two (004's counts and 011's dead-letter
 --    announcements read the same transition tables): one function call, and the counting
 --    is one statement plus the in_flight_count update, whose explicit ordered row lock is
 --    only needed when a statement touches several subscriptions.
@@ -189,3 +194,53 @@ CREATE TRIGGER webhook_delivery_attempts_delete AFTER DELETE ON webhook_deliveri
 CREATE TRIGGER webhook_delivery_attempts_truncate AFTER TRUNCATE ON webhook_deliveries
     FOR EACH STATEMENT EXECUTE FUNCTION webhook_delivery_attempts_cascade();
 ALTER TABLE webhook_attempts DROP CONSTRAINT webhook_attempts_delivery_id_fkey;
+
+-- == The ack by primary key (3. above) ==================================================
+-- As in 007 (fenced on the lease token, every attempt logged, applied or not), but the
+-- in-flight test compares with a one-row subquery, so the planner cannot turn it into a scan
+-- of the in-flight index: each acked row is a primary-key probe.
+CREATE OR REPLACE FUNCTION dispatcher_ack(
+    p_ids bigint[], p_tokens bigint[], p_states text[], p_delays double precision[],
+    p_statuses integer[], p_errors text[], p_attempts integer[], p_started double precision[],
+    p_durations_ms double precision[], p_outcomes text[], p_responses text[],
+    p_manual boolean[], p_worker text
+) RETURNS SETOF bigint LANGUAGE plpgsql
+SET plan_cache_mode = force_generic_plan
+AS $$
+BEGIN
+    RETURN QUERY
+    WITH r AS (
+        SELECT *
+        FROM unnest(p_ids, p_tokens, p_states, p_delays, p_statuses, p_errors, p_attempts,
+                    p_started, p_durations_ms, p_outcomes, p_responses, p_manual)
+             AS r(id, token, state, delay, status, error, attempt, started, duration_ms,
+                  outcome, response, manual)
+    ), applied AS (
+        UPDATE webhook_deliveries d
+        SET state = r.state,
+            next_attempt_at = CASE WHEN r.delay IS NULL THEN d.next_attempt_at
+                                   ELSE now() + make_interval(secs => r.delay) END,
+            leased_until = NULL,
+            lease_token = NULL,
+            leased_by = NULL,
+            last_status = r.status,
+            last_error = r.error,
+            -- a manual replay is one attempt; whatever follows it is automatic again (003)
+            manual_replay = false,
+            finished_at = CASE WHEN r.state IN ('delivered', 'dead') THEN now() END,
+            updated_at = now()
+        FROM r
+        WHERE d.id = r.id AND d.lease_token = r.token
+          AND d.state = (SELECT 'in_flight'::text)
+        RETURNING d.id
+    ), logged AS (
+        INSERT INTO webhook_attempts (delivery_id, attempt, manual, started_at, duration_ms,
+                                      outcome, status_code, error, response_body, worker,
+                                      applied)
+        SELECT r.id, r.attempt, r.manual, to_timestamp(r.started), r.duration_ms, r.outcome,
+               r.status, r.error, r.response, p_worker, r.id IN (SELECT a.id FROM applied a)
+        FROM r
+        WHERE EXISTS (SELECT 1 FROM webhook_deliveries x WHERE x.id = r.id)
+    )
+    SELECT a.id FROM applied a;
+END $$;
