@@ -29,17 +29,20 @@ GROUP BY subscription_id, state
 
 _SUBSCRIPTIONS_SQL = """
 -- No locks. A stable order (oldest first) so every replica labels the same subscriptions
--- individually. Oldest age: one probe of webhook_deliveries_oldest (min() over a partial
--- index becomes a LIMIT 1 scan), only for subscriptions whose counts say they have work.
+-- individually. Oldest age, only for subscriptions whose counts say they have work: one probe
+-- of webhook_deliveries_oldest for the queued rows (min() over a partial index becomes a
+-- LIMIT 1 scan) and the in-flight rows from webhook_deliveries_in_flight (at most
+-- max_in_flight); least() skips the side that has none (sql/013_hot_path.sql).
 SELECT s.id::text AS id, s.url, s.description,
        -- Up: enabled and not paused by the circuit breaker (sql/005_reliability.sql).
        s.enabled AND (s.paused_until IS NULL OR s.paused_until <= now()) AS up,
        s.enabled AND s.paused_until > now() IS TRUE AS paused,
        CASE WHEN s.id = ANY($1::uuid[]) THEN
-           extract(epoch FROM now() - (
-               SELECT min(d.event_created_at) FROM webhook_deliveries d
-               WHERE d.subscription_id = s.id
-                 AND d.state IN ('pending', 'in_flight', 'retrying')))::float8
+           extract(epoch FROM now() - least(
+               (SELECT min(d.event_created_at) FROM webhook_deliveries d
+                WHERE d.subscription_id = s.id AND d.state IN ('pending', 'retrying')),
+               (SELECT min(d.event_created_at) FROM webhook_deliveries d
+                WHERE d.subscription_id = s.id AND d.state = 'in_flight')))::float8
        END AS oldest_age_seconds
 FROM webhook_subscriptions s
 ORDER BY s.created_at, s.id

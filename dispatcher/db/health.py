@@ -77,8 +77,11 @@ RETURNING s.id
 
 _HAS_WORK_SQL = """
 -- Plain read: anything left that a probe could send, or already on the wire?
+-- Two probes, each on the partial index of its states (webhook_deliveries_due, _in_flight).
 SELECT EXISTS (SELECT 1 FROM webhook_deliveries
-               WHERE subscription_id = $1 AND state IN ('pending', 'retrying', 'in_flight'))
+               WHERE subscription_id = $1 AND state IN ('pending', 'retrying'))
+       OR EXISTS (SELECT 1 FROM webhook_deliveries
+                  WHERE subscription_id = $1 AND state = 'in_flight')
 """
 
 _FAILING_TOO_LONG_SQL = """

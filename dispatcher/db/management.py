@@ -549,13 +549,16 @@ class Management:
                 """
             )
             # One probe of webhook_deliveries_oldest per subscription (a min() over the whole
-            # partial index would read every queued row).
+            # partial index would read every queued row), and its in-flight rows (at most
+            # max_in_flight) from webhook_deliveries_in_flight (sql/013_hot_path.sql).
             oldest = await conn.fetchval(
                 """
                 SELECT min(o.at) FROM webhook_subscriptions s CROSS JOIN LATERAL (
-                    SELECT min(d.event_created_at) AS at FROM webhook_deliveries d
-                    WHERE d.subscription_id = s.id
-                      AND d.state IN ('pending', 'in_flight', 'retrying')
+                    SELECT least(
+                        (SELECT min(d.event_created_at) FROM webhook_deliveries d
+                         WHERE d.subscription_id = s.id AND d.state IN ('pending', 'retrying')),
+                        (SELECT min(d.event_created_at) FROM webhook_deliveries d
+                         WHERE d.subscription_id = s.id AND d.state = 'in_flight')) AS at
                 ) o
                 """
             )

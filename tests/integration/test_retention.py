@@ -135,3 +135,29 @@ def _pruned(running: Any, n: int) -> bool:
         "dispatcher_retention_pruned_total", {"table": "deliveries"}
     )
     return bool(value and value >= n)
+
+
+async def test_a_deliverys_attempts_go_with_it_however_it_is_deleted(pool: Any) -> None:
+    """The attempt log has no foreign key (sql/013): a trigger deletes a delivery's attempts
+    with it, whether the delivery itself, its event or its subscription is deleted, or the
+    table is truncated."""
+    keep = await support.subscribe(pool)
+    gone = await support.subscribe(pool)
+    kept = await _seed(pool, keep, 3, state="delivered", age_seconds=60)
+    direct = await _seed(pool, gone, 2, state="delivered", age_seconds=60)
+    by_event = await _seed(pool, gone, 2, state="dead", age_seconds=60)
+    await _seed(pool, gone, 2, state="retrying", age_seconds=60)
+
+    async def logged() -> set[int]:
+        return {r["delivery_id"] for r in await pool.fetch("SELECT * FROM webhook_attempts")}
+
+    await pool.execute("DELETE FROM webhook_deliveries WHERE id = ANY ($1::bigint[])", direct)
+    await pool.execute(
+        "DELETE FROM webhook_outbox o USING webhook_deliveries d"
+        " WHERE d.outbox_id = o.id AND d.id = ANY ($1::bigint[])",
+        by_event,
+    )
+    await pool.execute("DELETE FROM webhook_subscriptions WHERE id = $1::uuid", gone)
+    assert await logged() == set(kept)
+    await pool.execute("TRUNCATE webhook_deliveries")
+    assert await logged() == set()
