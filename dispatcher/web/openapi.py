@@ -490,7 +490,11 @@ def _paths() -> dict[str, Any]:
                     ),
                     _query(
                         "search",
-                        {"type": "string", "maxLength": validation.MAX_SEARCH_LENGTH},
+                        {
+                            "type": "string",
+                            "maxLength": validation.MAX_SEARCH_LENGTH,
+                            "pattern": validation.NO_NUL_PATTERN,
+                        },
                         "Case-insensitive substring of the id, URL or description.",
                     ),
                 ],

@@ -71,3 +71,19 @@ async def test_the_document_is_served_under_v1(api: Client) -> None:
         if route.method not in ("HEAD", "*") and route.resource is not None
     }
     assert served == _documented()
+
+
+def test_free_text_query_parameters_state_that_nul_is_refused() -> None:
+    """The validators refuse NUL in every text the API takes; a string query parameter without
+    an enum, format or pattern would let a client (and schemathesis) think it is allowed."""
+    loose = [
+        (path, method, p["name"])
+        for path, item in openapi.document()["paths"].items()
+        for method, op in item.items()
+        if method in _METHODS
+        for p in op.get("parameters", [])
+        if p["in"] == "query"
+        and p["schema"].get("type") == "string"
+        and not {"enum", "format", "pattern"} & p["schema"].keys()
+    ]
+    assert loose == []
