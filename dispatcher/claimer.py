@@ -16,6 +16,7 @@ claim never overcommit.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import random
@@ -277,7 +278,23 @@ class Claimer:
         self._metrics = m
         self._settings = settings
         self._rand = rand
-        self.limiter = limiter.GlobalLimiter(settings.max_in_flight)
+        # Slots for the jobs this process holds: on the wire (at most max_in_flight) and
+        # claimed ahead, waiting in ``_ready`` for a request to end (at most prefetch). A
+        # finished request starts the next held job at once, while the ack writer's round
+        # trip that refills the buffer is still on its way: the wire stays full instead of
+        # waiting a database round trip per freed slot. Held jobs count against their
+        # subscription's max_in_flight like any claimed job, so no subscription ever has
+        # more requests on the wire than its cap.
+        # At most max_in_flight are held ahead, and they start first come first served, so a
+        # held job reaches the wire within one request deadline of its claim. One held for
+        # more than half the lease margin (a short margin, a stalled loop) is handed back
+        # unsent rather than sent on a lease that could expire mid-request.
+        self.limiter = limiter.GlobalLimiter(settings.max_in_flight + settings.held_ahead)
+        self._wire_capacity = settings.max_in_flight
+        self._wire = 0
+        self._ready: collections.deque[tuple[model.Job, float]] = collections.deque()
+        self._hold_limit = settings.lease_margin_seconds / 2
+        self._giving_back: set[asyncio.Task[None]] = set()
         self.acks = AckWriter(
             repo,
             settings.worker_id,
@@ -458,10 +475,42 @@ class Claimer:
             await asyncio.wait_for(self._wake.wait(), timeout)
 
     def _start(self, job: model.Job) -> None:
-        """Send a job on a slot already reserved for it."""
+        """Send a job on a slot already reserved for it, or hold it until a request ends."""
+        if self._wire >= self._wire_capacity:
+            self._ready.append((job, time.monotonic()))
+            return
+        self._wire += 1
         task = asyncio.create_task(self._deliver(job))
         self._tasks[task] = job
         task.add_done_callback(self._done)
+
+    def _off_wire(self) -> None:
+        """A request ended: the next held job, if any, takes its place on the wire."""
+        self._wire -= 1
+        while self._ready:
+            job, held_at = self._ready.popleft()
+            if time.monotonic() - held_at <= self._hold_limit:
+                self._start(job)
+                return
+            self._give_back(job)
+
+    def _give_back(self, job: model.Job) -> None:
+        """Hand a held job's lease back unsent (it is claimed again, same attempt number)."""
+        self.limiter.release()
+        self._log.warning(
+            "held_delivery_released", delivery_id=job.delivery_id, subscription=job.subscription_id
+        )
+
+        async def release() -> None:
+            try:
+                await self._repo.release([(job.delivery_id, job.lease_token)])
+            except db_pool.ERRORS as exc:
+                # The lease then expires and the reaper hands the delivery back.
+                log.warning("lease_release_failed", error=logs.error_text(exc), leases=1)
+
+        task = asyncio.create_task(release())
+        self._giving_back.add(task)
+        task.add_done_callback(self._giving_back.discard)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.pop(task, None)
@@ -500,6 +549,7 @@ class Claimer:
                 )
             finally:
                 on_wire.n -= 1
+                self._off_wire()
             if result.verdict is not model.Verdict.GONE:
                 # The slot is free once the request is over (before its ack is queued, so
                 # the write that carries the ack can claim for it). After a 410 it is held
@@ -626,12 +676,17 @@ class Claimer:
         self.wake()
 
     def in_flight(self) -> int:
-        return len(self._tasks)
+        """Jobs held: on the wire and claimed ahead."""
+        return len(self._tasks) + len(self._ready)
 
     async def drain(self, grace_seconds: float) -> int:
         """Wait up to ``grace_seconds`` for requests on the wire, then cancel the rest and
         hand their leases back. Returns how many were released."""
         self.stop_claiming()
+        # Jobs claimed ahead never went out: their leases go back now, not after the grace.
+        held = [job for job, _ in self._ready]
+        self._ready.clear()
+        self.limiter.release(len(held))
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=grace_seconds)
         left = dict(self._tasks)
@@ -639,8 +694,10 @@ class Claimer:
             task.cancel()
         if left:
             await asyncio.wait(set(left), timeout=5)
+        back = held + list(left.values())
+        if back:
             try:
-                await self._repo.release((j.delivery_id, j.lease_token) for j in left.values())
+                await self._repo.release((j.delivery_id, j.lease_token) for j in back)
             except db_pool.ERRORS as exc:
-                log.error("lease_release_failed", error=str(exc), leases=len(left))
-        return len(left)
+                log.error("lease_release_failed", error=str(exc), leases=len(back))
+        return len(back)

@@ -147,6 +147,9 @@ class Settings:
     max_in_flight: int = 256
     # Most deliveries one claim statement may take.
     claim_batch: int = 200
+    # Deliveries claimed ahead of free request slots, each started the moment a request
+    # ends; at most max_in_flight of them (``held_ahead``).
+    prefetch: int = 256
     # Fallback wake-up when no NOTIFY arrives (lost notification, retries coming due).
     poll_interval_seconds: float = 1.0
     route_batch: int = 500
@@ -183,6 +186,8 @@ class Settings:
     def __post_init__(self) -> None:
         if self.max_in_flight < 1 or self.claim_batch < 1 or self.route_batch < 1:
             raise ConfigError("max_in_flight, claim_batch and route_batch must be >= 1")
+        if self.prefetch < 0:
+            raise ConfigError("prefetch must be >= 0")
         if self.poll_interval_seconds <= 0:
             raise ConfigError("poll interval must be > 0")
         if self.connect_timeout_seconds <= 0 or self.request_timeout_seconds <= 0:
@@ -211,6 +216,11 @@ class Settings:
                 f"open endpoints must be among {', '.join(PROBE_ENDPOINTS)}; "
                 f"got {', '.join(sorted(unknown))}"
             )
+
+    @property
+    def held_ahead(self) -> int:
+        """Deliveries held claimed ahead of the wire: the prefetch, at most max_in_flight."""
+        return min(self.prefetch, self.max_in_flight)
 
     @property
     def lease_seconds(self) -> float:

@@ -162,6 +162,15 @@ TABLE: Final[tuple[Setting, ...]] = (
         "most deliveries one claim statement takes",
     ),
     S(
+        "DISPATCHER_PREFETCH",
+        (f"{D}.prefetch",),
+        parse_int,
+        "deliveries claimed ahead of free request slots, each started the moment a request "
+        "ends, so a freed slot does not wait for a database round trip; at most "
+        "`DISPATCHER_MAX_IN_FLIGHT` (held ones count against their subscription's "
+        "`max_in_flight`; 0 turns it off)",
+    ),
+    S(
         "DISPATCHER_POLL_INTERVAL",
         (f"{D}.poll_interval_seconds",),
         parse_float,
