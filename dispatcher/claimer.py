@@ -336,8 +336,15 @@ class Claimer:
         self._next_due = min(self._next_due, time.monotonic() + delay_seconds)
 
     def _reserve(self) -> int:
-        """Take the free slots a claim may fill (at most a claim batch) from the limiter."""
-        want = min(self.limiter.free(), self._settings.claim_batch)
+        """Take the free slots a claim may fill (at most a claim batch) from the limiter.
+
+        Deliveries are claimed ahead only while the last claim came back full: when caps or
+        a short queue cut it, asking for more would only make the claim look further (every
+        subscription with queued work) for slots it cannot fill."""
+        free = self.limiter.free()
+        if not self._backlogged:
+            free -= self._settings.held_ahead
+        want = min(free, self._settings.claim_batch)
         if want > 0:
             self.limiter.acquire(want)
         return want
