@@ -105,13 +105,14 @@ async def _counter_drift(pool: Any) -> list[Any]:
     return list(
         await pool.fetch(
             """
-            SELECT s.id, s.in_flight_count,
+            SELECT s.id, l.in_flight_count,
                    (SELECT count(*) FROM webhook_deliveries d
                     WHERE d.subscription_id = s.id AND d.state = 'in_flight') AS actual
             FROM webhook_subscriptions s
-            WHERE s.in_flight_count <> (SELECT count(*) FROM webhook_deliveries d
-                                        WHERE d.subscription_id = s.id
-                                          AND d.state = 'in_flight')
+            LEFT JOIN webhook_subscription_slots l ON l.subscription_id = s.id
+            WHERE l.in_flight_count IS DISTINCT FROM (
+                SELECT count(*) FROM webhook_deliveries d
+                WHERE d.subscription_id = s.id AND d.state = 'in_flight')
             """
         )
     )
@@ -187,7 +188,8 @@ async def test_in_flight_counter_stays_exact_through_every_transition(pool: Any)
         assert await _counter_drift(pool) == [], (step, op)
         # The cap holds: the counter never passes max_in_flight.
         over = await pool.fetchval(
-            "SELECT count(*) FROM webhook_subscriptions WHERE in_flight_count > max_in_flight"
+            "SELECT count(*) FROM webhook_subscriptions s JOIN webhook_subscription_slots l "
+            "ON l.subscription_id = s.id WHERE l.in_flight_count > s.max_in_flight"
         )
         assert over == 0, (step, op)
     # A delete of in-flight rows (a subscription's deletion cascades) and a rolled-back
