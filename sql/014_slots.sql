@@ -29,7 +29,8 @@
 --   4. Paused and disabled subscriptions are skipped: step 1 tests them, and step 2 again on
 --      its own later snapshot, so a pause committed before step 2 stops the claim.
 -- in_flight_count stays exact at every commit: the same statement triggers keep it, in the
--- statement that changes a delivery's state, whoever runs it.
+-- statement that changes a delivery's state, whoever runs it. It is also the in_flight depth
+-- of the gauges now, which no longer log it as count deltas (webhook_delivery_depth below).
 
 CREATE TABLE webhook_subscription_slots (
     -- No foreign key: its check would run on every update of a row this transaction already
@@ -78,6 +79,22 @@ SELECT s.id, (SELECT count(*) FROM webhook_deliveries d
        s.claim_waiter, s.claim_waiter_until
 FROM webhook_subscriptions s;
 
+-- == Queue depth: in_flight from the slots rows =========================================
+-- The count deltas (004) no longer log in_flight: the counter on the slots rows is the same
+-- number, kept in the same statements, so the claim and the ack each write one delta row per
+-- subscription fewer (the ack of a delivery none at all), and the gauges and the compaction
+-- read and fold a third of the rows. Readers of the depth by state read this view: the
+-- deltas, and one row per subscription with deliveries in flight. Both parts change in the
+-- same statements, so one snapshot of the view is exact.
+DELETE FROM webhook_delivery_count_deltas WHERE state = 'in_flight';
+
+CREATE VIEW webhook_delivery_depth AS
+SELECT d.subscription_id, d.state, d.delta FROM webhook_delivery_count_deltas d
+UNION ALL
+SELECT l.subscription_id, 'in_flight', l.in_flight_count::bigint
+FROM webhook_subscription_slots l
+WHERE l.in_flight_count <> 0;
+
 -- == The counter's triggers ===========================================================
 -- As in 007/013, writing the slots row instead of the subscription row. Rows are locked in
 -- subscription-id order when a statement touches several, so two statements over the same
@@ -94,7 +111,7 @@ BEGIN
         INSERT INTO webhook_delivery_count_deltas (subscription_id, state, delta)
         SELECT n.subscription_id, n.state, count(*)
         FROM new_rows n
-        WHERE n.state IN ('pending', 'in_flight', 'retrying', 'dead', 'parked')
+        WHERE n.state IN ('pending', 'retrying', 'dead', 'parked')
         GROUP BY n.subscription_id, n.state;
         SELECT array_agg(x.subscription_id ORDER BY x.subscription_id),
                array_agg(x.delta ORDER BY x.subscription_id)
@@ -105,7 +122,7 @@ BEGIN
         INSERT INTO webhook_delivery_count_deltas (subscription_id, state, delta)
         SELECT o.subscription_id, o.state, -count(*)
         FROM old_rows o
-        WHERE o.state IN ('pending', 'in_flight', 'retrying', 'dead', 'parked')
+        WHERE o.state IN ('pending', 'retrying', 'dead', 'parked')
         GROUP BY o.subscription_id, o.state;
         SELECT array_agg(x.subscription_id ORDER BY x.subscription_id),
                array_agg(x.delta ORDER BY x.subscription_id)
@@ -145,7 +162,8 @@ DECLARE
     v_before bigint[];
 BEGIN
     -- Counts: one signed delta per (subscription, state) the statement moved rows between,
-    -- and the in_flight part of them for in_flight_count; whether any row is dead now.
+    -- the in_flight part of them for in_flight_count, the others logged; whether any row is
+    -- dead now.
     WITH c AS (
         SELECT c.subscription_id, c.state, sum(c.delta) AS delta
         FROM (
@@ -159,8 +177,9 @@ BEGIN
         -- An update that moved no row between states (or as many in as out) adds nothing.
         HAVING sum(c.delta) <> 0
     ), logged AS (
+        -- in_flight is counted on the slots rows only (webhook_delivery_depth).
         INSERT INTO webhook_delivery_count_deltas (subscription_id, state, delta)
-        SELECT c.subscription_id, c.state, c.delta FROM c
+        SELECT c.subscription_id, c.state, c.delta FROM c WHERE c.state <> 'in_flight'
     )
     SELECT array_agg(c.subscription_id ORDER BY c.subscription_id)
                FILTER (WHERE c.state = 'in_flight'),
