@@ -20,10 +20,11 @@ BACKLOG_EXACT_LIMIT = 10_000
 COMPACT_LOCK_ID = 7_301_946_113
 
 _DEPTH_SQL = """
--- No locks: a plain snapshot read of the per-group deltas (sql/004_metrics.sql).
+-- No locks: a plain snapshot read of the per-group deltas (sql/004_metrics.sql), in_flight
+-- from the slots counters (webhook_delivery_depth, sql/014_slots.sql).
 SELECT subscription_id::text AS subscription_id, state, sum(delta)::bigint AS n,
        count(*) AS delta_rows
-FROM webhook_delivery_count_deltas
+FROM webhook_delivery_depth
 GROUP BY subscription_id, state
 """
 
