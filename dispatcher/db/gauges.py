@@ -20,11 +20,10 @@ BACKLOG_EXACT_LIMIT = 10_000
 COMPACT_LOCK_ID = 7_301_946_113
 
 _DEPTH_SQL = """
--- No locks: a plain snapshot read of the per-group deltas (sql/004_metrics.sql), in_flight
--- from the slots counters (webhook_delivery_depth, sql/014_slots.sql).
+-- No locks: a plain snapshot read of the per-group deltas (sql/004_metrics.sql).
 SELECT subscription_id::text AS subscription_id, state, sum(delta)::bigint AS n,
        count(*) AS delta_rows
-FROM webhook_delivery_depth
+FROM webhook_delivery_count_deltas
 GROUP BY subscription_id, state
 """
 

@@ -499,14 +499,13 @@ class Management:
         attempts and failures of the last ``RECENT_MINUTES``, among the newest
         ``RECENT_ATTEMPTS_CAP`` (zeros where there are none)."""
         async with self.pool.acquire() as conn:
-            # Plain reads, no locks. Depth sums the per-group deltas (sql/004_metrics.sql; in
-            # flight from the slots counters, webhook_delivery_depth in sql/014_slots.sql); the
+            # Plain reads, no locks. Depth sums the per-group deltas (sql/004_metrics.sql); the
             # window finds each recent attempt's subscription by primary key. Both cover every
             # subscription and take no parameters (see _RECENT_ATTEMPTS).
             depth = await conn.fetch(
                 """
                 SELECT subscription_id, state, sum(delta)::bigint AS n
-                FROM webhook_delivery_depth
+                FROM webhook_delivery_count_deltas
                 GROUP BY subscription_id, state
                 """
             )
@@ -545,7 +544,7 @@ class Management:
             # Plain reads, no locks; each one is an index probe or a small aggregate.
             depth = await conn.fetch(
                 """
-                SELECT state, sum(delta)::bigint AS n FROM webhook_delivery_depth
+                SELECT state, sum(delta)::bigint AS n FROM webhook_delivery_count_deltas
                 GROUP BY state
                 """
             )

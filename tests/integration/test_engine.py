@@ -17,8 +17,7 @@ import asyncpg
 
 import dispatcher
 from dispatcher import app, model
-from dispatcher.db import gauges as db_gauges
-from dispatcher.db import migrate, repository
+from dispatcher.db import repository
 from tests import conftest, support
 
 SECRET = "whsec_" + "A" * 32
@@ -106,14 +105,13 @@ async def _counter_drift(pool: Any) -> list[Any]:
     return list(
         await pool.fetch(
             """
-            SELECT s.id, l.in_flight_count,
+            SELECT s.id, s.in_flight_count,
                    (SELECT count(*) FROM webhook_deliveries d
                     WHERE d.subscription_id = s.id AND d.state = 'in_flight') AS actual
             FROM webhook_subscriptions s
-            LEFT JOIN webhook_subscription_slots l ON l.subscription_id = s.id
-            WHERE l.in_flight_count IS DISTINCT FROM (
-                SELECT count(*) FROM webhook_deliveries d
-                WHERE d.subscription_id = s.id AND d.state = 'in_flight')
+            WHERE s.in_flight_count <> (SELECT count(*) FROM webhook_deliveries d
+                                        WHERE d.subscription_id = s.id
+                                          AND d.state = 'in_flight')
             """
         )
     )
@@ -189,8 +187,7 @@ async def test_in_flight_counter_stays_exact_through_every_transition(pool: Any)
         assert await _counter_drift(pool) == [], (step, op)
         # The cap holds: the counter never passes max_in_flight.
         over = await pool.fetchval(
-            "SELECT count(*) FROM webhook_subscriptions s JOIN webhook_subscription_slots l "
-            "ON l.subscription_id = s.id WHERE l.in_flight_count > s.max_in_flight"
+            "SELECT count(*) FROM webhook_subscriptions WHERE in_flight_count > max_in_flight"
         )
         assert over == 0, (step, op)
     # A delete of in-flight rows (a subscription's deletion cascades) and a rolled-back
@@ -435,83 +432,3 @@ async def probe_unready(probe: Any) -> bool:
 async def probe_ready(probe: Any) -> bool:
     status, _, _ = await probe()
     return status == 200
-
-
-async def test_the_slots_migration_carries_counters_and_waiters_over(empty_dsn: str) -> None:
-    """A database at 013 with deliveries in flight and a waiting claimer upgrades to the slots
-    rows (sql/014_slots.sql): exact counters, the waiter kept, in_flight depth read from the
-    counters (no in_flight delta rows left), and slots rows that follow their subscriptions."""
-    migrations = migrate.load()
-    conn = await asyncpg.connect(empty_dsn)
-    try:
-        for m in migrations:
-            if m.version <= 13:
-                await conn.execute(m.sql)
-        subs = [uuid.UUID(int=i + 1) for i in range(3)]
-        await conn.execute(
-            "INSERT INTO webhook_subscriptions (id, url, event_types, secret) "
-            "SELECT id, 'http://127.0.0.1:9/', '{t.x}', 's' FROM unnest($1::uuid[]) AS u(id)",
-            subs,
-        )
-        await conn.execute(
-            """
-            WITH o AS (
-                INSERT INTO webhook_outbox (event_type, payload, routed_at, route_result)
-                SELECT 't.x', '{}', now(), 'routed' FROM generate_series(1, 10) RETURNING id
-            )
-            INSERT INTO webhook_deliveries (outbox_id, subscription_id, event_created_at)
-            SELECT o.id, s.id, now() FROM o CROSS JOIN webhook_subscriptions s
-            """
-        )
-        await conn.execute(
-            "UPDATE webhook_deliveries SET state = 'in_flight', lease_token = id "
-            "WHERE id % 3 <> 0 AND subscription_id <> $1",
-            subs[2],
-        )
-        await conn.execute(
-            "UPDATE webhook_subscriptions SET claim_waiter = 'w2', "
-            "claim_waiter_until = now() + interval '1 minute' WHERE id = $1",
-            subs[0],
-        )
-        for m in migrations:
-            if m.version > 13:
-                await conn.execute(m.sql)
-
-        exact = {
-            (str(r["s"]), r["state"]): r["n"]
-            for r in await conn.fetch(
-                "SELECT subscription_id AS s, state, count(*) AS n FROM webhook_deliveries "
-                "WHERE state IN ('pending', 'in_flight', 'retrying', 'dead', 'parked') "
-                "GROUP BY 1, 2"
-            )
-        }
-        slots = {
-            r["subscription_id"]: r
-            for r in await conn.fetch("SELECT * FROM webhook_subscription_slots")
-        }
-        assert set(slots) == set(subs)
-        for sub in subs:
-            assert slots[sub]["in_flight_count"] == exact.get((str(sub), "in_flight"), 0)
-        assert slots[subs[0]]["claim_waiter"] == "w2"
-        assert slots[subs[1]]["claim_waiter"] is None
-        assert not await conn.fetchval(
-            "SELECT count(*) FROM webhook_delivery_count_deltas WHERE state = 'in_flight'"
-        )
-        snapshot = await db_gauges.read(conn)
-        assert {k: n for k, n in snapshot.depth.items() if n} == exact
-
-        # A new subscription gets its row; a deleted one takes its row with it.
-        await conn.execute(
-            "INSERT INTO webhook_subscriptions (id, url, event_types, secret) "
-            "VALUES ($1, 'http://127.0.0.1:9/', '{t.x}', 's')",
-            uuid.UUID(int=9),
-        )
-        await conn.execute("DELETE FROM webhook_subscriptions WHERE id = $1", subs[0])
-        remaining = await conn.fetch(
-            "SELECT subscription_id, in_flight_count FROM webhook_subscription_slots "
-            "ORDER BY subscription_id"
-        )
-        assert [r["subscription_id"] for r in remaining] == [subs[1], subs[2], uuid.UUID(int=9)]
-        assert remaining[2]["in_flight_count"] == 0
-    finally:
-        await conn.close()

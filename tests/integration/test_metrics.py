@@ -226,10 +226,9 @@ async def test_tracked_counts_equal_an_exact_count_after_every_kind_of_write(poo
         await pool.execute(sql)
         assert await _tracked(pool) == await _exact(pool), sql
     async with pool.acquire() as conn:
-        # The rows the depth is summed from (in_flight: one counter row per subscription).
-        before = await conn.fetchval("SELECT count(*) FROM webhook_delivery_depth")
+        before = await conn.fetchval("SELECT count(*) FROM webhook_delivery_count_deltas")
         assert await db_gauges.compact(conn)
-        after = await conn.fetchval("SELECT count(*) FROM webhook_delivery_depth")
+        after = await conn.fetchval("SELECT count(*) FROM webhook_delivery_count_deltas")
     assert after < before
     assert after == len(await _exact(pool))
     assert await _tracked(pool) == await _exact(pool)
