@@ -155,3 +155,39 @@ async def test_later_batch_routed_first_still_waits_for_the_earlier_event(pool: 
     await repo.route(10)
     [job] = await repo.claim("w", 10, lease_seconds=30)
     assert job.event_id == first
+
+
+async def test_routing_probes_the_pattern_index_whatever_the_statistics_say(pool: Any) -> None:
+    """Statistics taken while every subscription shared one pattern make the planner expect
+    any pattern to match every row. Routing must still probe the index per event: a scan of
+    the pattern table per event (with the type's expansion evaluated per row) took 30 s for a
+    500-event batch beside 10 000 subscriptions and hit the statement timeout."""
+    async with pool.acquire() as conn:
+        await conn.execute(
+            """
+            INSERT INTO webhook_subscriptions (url, event_types, secret)
+            SELECT 'http://127.0.0.1:9/s' || g, ARRAY['same.*'], $1
+            FROM generate_series(1, 2000) g
+            """,
+            "whsec_" + "C" * 32,
+        )
+        await conn.execute("ANALYZE webhook_subscription_patterns")
+        await conn.execute(
+            """
+            INSERT INTO webhook_subscriptions (url, event_types, secret)
+            SELECT 'http://127.0.0.1:9/d' || g, ARRAY['d.' || g || '.*'], $1
+            FROM generate_series(1, 2000) g
+            """,
+            "whsec_" + "C" * 32,
+        )
+        for i in range(5):
+            await dispatcher.publish(conn, f"d.{i + 1}.event", {"i": i})
+        plan = "\n".join(
+            r[0]
+            for r in await conn.fetch(
+                "EXPLAIN " + repository._ROUTE_SQL, 500, repository.WORK_CHANNEL
+            )
+        )
+        assert "Seq Scan on webhook_subscription_patterns" not in plan, plan
+        stats = await repository.Repository(pool).route(500)
+    assert (stats.events, stats.deliveries) == (5, 5)
