@@ -285,6 +285,7 @@ class Claimer:
         # waiting a database round trip per freed slot. Held jobs count against their
         # subscription's max_in_flight like any claimed job, so no subscription ever has
         # more requests on the wire than its cap.
+        #
         # At most max_in_flight are held ahead, and they start first come first served, so a
         # held job reaches the wire within one request deadline of its claim. One held for
         # more than half the lease margin (a short margin, a stalled loop) is handed back
