@@ -167,6 +167,20 @@ async def test_plaintext_row_from_before_keys_is_left_for_reencrypt(pool: Any) -
     assert await _stored(pool, sid) == sealed
 
 
+async def _subscribe_with_headers(api: Client, receiver: support.Receiver, credential: str) -> Any:
+    """A subscription through /v1 with an Authorization credential and the tenant header."""
+    created = await api.post(
+        "/subscriptions",
+        {
+            "url": receiver.url,
+            "event_types": ["hdr.*"],
+            "headers": {"Authorization": credential, "X-Tenant": TENANT},
+        },
+    )
+    assert created.status == 201, created
+    return created
+
+
 async def test_header_values_are_sealed_masked_on_read_and_still_sent(
     start_dispatcher: Any, pool: Any, receiver: support.Receiver
 ) -> None:
@@ -176,15 +190,7 @@ async def test_header_values_are_sealed_masked_on_read_and_still_sent(
     running = await start_dispatcher(admin_token=TOKEN, secret_keys=f"k1:{K1}")
     async with aiohttp.ClientSession() as session:
         api = Client(session, f"http://127.0.0.1:{running.dispatcher.bound_port}/v1")
-        created = await api.post(
-            "/subscriptions",
-            {
-                "url": receiver.url,
-                "event_types": ["hdr.*"],
-                "headers": {"Authorization": credential, "X-Tenant": TENANT},
-            },
-        )
-        assert created.status == 201, created
+        created = await _subscribe_with_headers(api, receiver, credential)
         sid = created.body["id"]
         for shown in (created.body, (await api.get(f"/subscriptions/{sid}")).body):
             assert shown["headers"] == {"Authorization": "********", "X-Tenant": "********"}
@@ -249,15 +255,7 @@ async def test_a_read_sent_back_keeps_the_masked_header_values(
     running = await start_dispatcher(admin_token=TOKEN, secret_keys=f"k1:{K1}")
     async with aiohttp.ClientSession() as session:
         api = Client(session, f"http://127.0.0.1:{running.dispatcher.bound_port}/v1")
-        created = await api.post(
-            "/subscriptions",
-            {
-                "url": receiver.url,
-                "event_types": ["hdr.*"],
-                "headers": {"Authorization": credential, "X-Tenant": TENANT},
-            },
-        )
-        assert created.status == 201, created
+        created = await _subscribe_with_headers(api, receiver, credential)
         sid = created.body["id"]
         read = (await api.get(f"/subscriptions/{sid}")).body["headers"]
         patched = await api.patch(f"/subscriptions/{sid}", {"headers": {**read, "X-Tenant": "t2"}})
