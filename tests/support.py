@@ -27,7 +27,7 @@ import orjson
 from aiohttp import web
 
 import dispatcher
-from dispatcher import app
+from dispatcher import app, model
 from dispatcher.db import repository
 from tests import leaks
 
@@ -71,6 +71,27 @@ async def subscribe(
         url=url, event_types=list(event_types), secret=secret, **fields
     )
     return str(sub["id"])
+
+
+def ack(
+    job: model.Job, state: model.DeliveryState = model.DeliveryState.DELIVERED, **fields: Any
+) -> model.Ack:
+    """A successful attempt's result for ``job`` (``fields`` override any of its values)."""
+    values: dict[str, Any] = {
+        "delivery_id": job.delivery_id,
+        "lease_token": job.lease_token,
+        "attempt": job.attempt,
+        "state": state,
+        "delay_seconds": None,
+        "status": 200,
+        "error": None,
+        "started_at": 0.0,
+        "duration_ms": 1.0,
+        "outcome": "success",
+        "response": "ok",
+    }
+    values.update(fields)
+    return model.Ack(**values)
 
 
 async def publish(

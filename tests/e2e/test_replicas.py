@@ -153,14 +153,14 @@ async def test_stale_worker_ack_changes_nothing(pool: Any, dsn: str) -> None:
     assert fresh.lease_token != stale.lease_token
     assert fresh.attempt == 2
 
-    applied = await repo.ack([_ack(stale, model.DeliveryState.DELIVERED)], "paused-worker")
+    applied = await repo.ack([support.ack(stale, model.DeliveryState.DELIVERED)], "paused-worker")
     assert applied == set()
     row = await pool.fetchrow("SELECT state, lease_token FROM webhook_deliveries")
     assert (row["state"], row["lease_token"]) == ("in_flight", fresh.lease_token)
     logged = await pool.fetchrow("SELECT applied, worker FROM webhook_attempts")
     assert (logged["applied"], logged["worker"]) == (False, "paused-worker")
 
-    applied = await repo.ack([_ack(fresh, model.DeliveryState.DELIVERED)], "live-worker")
+    applied = await repo.ack([support.ack(fresh, model.DeliveryState.DELIVERED)], "live-worker")
     assert applied == {fresh.delivery_id}
     assert await pool.fetchval("SELECT state FROM webhook_deliveries") == "delivered"
 
@@ -171,22 +171,6 @@ async def _expired(pool: Any) -> bool:
             "SELECT bool_and(leased_until < now()) FROM webhook_deliveries"
             " WHERE state = 'in_flight'"
         )
-    )
-
-
-def _ack(job: model.Job, state: model.DeliveryState) -> model.Ack:
-    return model.Ack(
-        delivery_id=job.delivery_id,
-        lease_token=job.lease_token,
-        attempt=job.attempt,
-        state=state,
-        delay_seconds=None,
-        status=200,
-        error=None,
-        started_at=0.0,
-        duration_ms=1.0,
-        outcome="success",
-        response="ok",
     )
 
 

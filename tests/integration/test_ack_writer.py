@@ -8,8 +8,9 @@ from typing import Any
 import prometheus_client as prom
 
 import dispatcher
-from dispatcher import claimer, metrics, model
+from dispatcher import claimer, metrics
 from dispatcher.db import repository
+from tests import support
 
 
 async def test_a_rejected_row_is_split_out_and_the_rest_is_written(pool: Any) -> None:
@@ -28,22 +29,8 @@ async def test_a_rejected_row_is_split_out_and_the_rest_is_written(pool: Any) ->
         repo, "w", metrics.Metrics(prom.CollectorRegistry()), batch=10, on_written=written.set
     )
     for n, job in enumerate(jobs):
-        writer.put(
-            model.Ack(
-                delivery_id=job.delivery_id,
-                lease_token=job.lease_token,
-                attempt=job.attempt,
-                state=model.DeliveryState.DELIVERED,
-                delay_seconds=None,
-                status=200,
-                error=None,
-                started_at=0.0,
-                duration_ms=1.0,
-                outcome="success",
-                # Postgres refuses NUL in text: this row's batch fails as a whole.
-                response="bad\x00byte" if n == 2 else "ok",
-            )
-        )
+        # Postgres refuses NUL in text: this row's batch fails as a whole.
+        writer.put(support.ack(job, response="bad\x00byte" if n == 2 else "ok"))
     writer.close()
     await asyncio.wait_for(writer.run(), 10)
     states = dict(await pool.fetch("SELECT id, state FROM webhook_deliveries"))
