@@ -118,6 +118,7 @@ class AckWriter:
         on_claimed: Callable[[list[model.Job], int], None] | None = None,
         on_claim_failed: Callable[[], None] = _nothing,
         lease_seconds: float = 60.0,
+        ahead: int = 0,
     ) -> None:
         self._repo = repo
         self._worker = worker
@@ -128,6 +129,7 @@ class AckWriter:
         self._on_claimed = on_claimed
         self._on_claim_failed = on_claim_failed
         self._lease_seconds = lease_seconds
+        self._ahead = ahead
         # A list and an event rather than an asyncio.Queue: a put per delivery is an append
         # (Queue.put_nowait and get_nowait were ~2 us a delivery, bench profile).
         self._queue: list[model.Ack] = []
@@ -169,7 +171,7 @@ class AckWriter:
         assert self._on_claimed is not None
         try:
             applied, jobs = await self._repo.complete_and_claim(
-                acks, self._worker, want, self._lease_seconds
+                acks, self._worker, want, self._lease_seconds, self._ahead
             )
         except (*BAD_ROW_ERRORS, *db_pool.ERRORS) as exc:
             # One transaction: neither part happened. Give the slots back and write the
@@ -294,6 +296,15 @@ class Claimer:
         self._wire_capacity = settings.max_in_flight
         self._wire = 0
         self._ready: collections.deque[tuple[model.Job, float]] = collections.deque()
+        # Per subscription: its requests on the wire, and the jobs held back because that
+        # number reached the subscription's cap (``Job.wire_cap``). A process that owns a
+        # subscription holds up to its cap again in claimed rows (sql/015_slot_owner.sql), so
+        # a request that ends is followed by the next one at once; the database only
+        # guarantees the cap on claimed rows to the others, this keeps it on the wire.
+        self._sub_wire: collections.Counter[str] = collections.Counter()
+        self._gated: dict[str, collections.deque[tuple[model.Job, float]]] = {}
+        # Subscriptions whose endpoint answered 410, until they are disabled (see _off_wire).
+        self._gone: set[str] = set()
         self._hold_limit = settings.lease_margin_seconds / 2
         self._giving_back: set[asyncio.Task[None]] = set()
         self.acks = AckWriter(
@@ -306,6 +317,7 @@ class Claimer:
             on_claimed=self._claimed,
             on_claim_failed=self.wake,
             lease_seconds=settings.lease_seconds,
+            ahead=settings.held_ahead,
         )
         # Bound once: the module-level proxy re-binds on every call while loggers are not
         # cached (logs.py), ~3 % of the CPU of a delivery for the canonical line (bench).
@@ -365,7 +377,9 @@ class Claimer:
             self._start(job)
         if reserved > len(jobs):
             self.limiter.release(reserved - len(jobs))
-        self._backlogged = len(jobs) == reserved
+        # A claim cut by a subscription's cap says that subscription has more work: an owner
+        # takes it ahead, on held slots (see _reserve).
+        self._backlogged = len(jobs) == reserved or any(job.capped for job in jobs)
 
     # -- main loop -------------------------------------------------------------------------
 
@@ -403,14 +417,14 @@ class Claimer:
     async def _claim(self, want: int) -> list[model.Job]:
         s = self._settings
         try:
-            return await self._repo.claim(s.worker_id, want, s.lease_seconds)
+            return await self._repo.claim(s.worker_id, want, s.lease_seconds, s.held_ahead)
         except BAD_ROW_ERRORS as exc:
             # One row the client cannot be handed (bytes that are not UTF-8 in a SQL_ASCII
             # database, say) fails the whole statement, and would fail every claim that
             # reaches it: claim without contents, read them back by id, and quarantine the
             # rows that cannot be read. The others go out as usual.
             log.warning("claim_rows_unreadable", error=type(exc).__name__, wanted=want)
-            leases = await self._repo.claim_leases(s.worker_id, want, s.lease_seconds)
+            leases = await self._repo.claim_leases(s.worker_id, want, s.lease_seconds, s.held_ahead)
             return await self._read_isolating(leases)
 
     async def _read_isolating(self, leases: list[repository.Lease]) -> list[model.Job]:
@@ -482,43 +496,93 @@ class Claimer:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)
 
-    def _start(self, job: model.Job) -> None:
-        """Send a job on a slot already reserved for it, or hold it until a request ends."""
+    def _start(self, job: model.Job, held_at: float | None = None) -> bool:
+        """Send a job on a slot already reserved for it, or hold it until a request ends:
+        one of its subscription's, when that subscription has its cap on the wire; any
+        other, when the process has. True when it went on the wire."""
+        sub = job.subscription_id
+        if sub in self._gone:
+            self._give_back(job, "endpoint gone")
+            return False
+        cap = job.wire_cap
+        if cap is not None and self._sub_wire[sub] >= cap:
+            gated = self._gated.get(sub)
+            if gated is None:
+                gated = self._gated[sub] = collections.deque()
+            gated.append((job, time.monotonic() if held_at is None else held_at))
+            return False
         if self._wire >= self._wire_capacity:
-            self._ready.append((job, time.monotonic()))
-            return
+            self._ready.append((job, time.monotonic() if held_at is None else held_at))
+            return False
         self._wire += 1
+        self._sub_wire[sub] += 1
         task = asyncio.create_task(self._deliver(job))
         self._tasks[task] = job
         task.add_done_callback(self._done)
+        return True
 
-    def _off_wire(self) -> None:
-        """A request ended: the next held job, if any, takes its place on the wire."""
+    def _off_wire(self, sub: str, *, gone: bool = False) -> None:
+        """A request of ``sub`` ended: the next held job, if any, takes its place on the wire
+        (one held back by that subscription's cap first: only this can free it). After a
+        410 (``gone``) the subscription's held jobs are handed back unsent instead: it is
+        being disabled, and its endpoint asked for no more requests."""
         self._wire -= 1
+        left = self._sub_wire[sub] - 1
+        if left:
+            self._sub_wire[sub] = left
+        else:
+            del self._sub_wire[sub]
+        if gone:
+            # Until it is disabled (_conclude), whatever this process holds or claims of it
+            # goes back unsent; the release parks it once the subscription is disabled.
+            self._gone.add(sub)
+            for job, _ in self._gated.pop(sub, ()):
+                self._give_back(job, "endpoint gone")
+            if any(job.subscription_id == sub for job, _ in self._ready):
+                for job, _ in self._ready:
+                    if job.subscription_id == sub:
+                        self._give_back(job, "endpoint gone")
+                self._ready = collections.deque(
+                    held for held in self._ready if held[0].subscription_id != sub
+                )
+        gated = self._gated.get(sub)
+        while gated:
+            job, held_at = gated.popleft()
+            if not gated:
+                del self._gated[sub]
+            if time.monotonic() - held_at > self._hold_limit:
+                self._give_back(job)
+            elif self._start(job, held_at):
+                return
+            else:
+                break  # held back again: the subscription's cap was lowered meanwhile
         while self._ready:
             job, held_at = self._ready.popleft()
-            if time.monotonic() - held_at <= self._hold_limit:
-                self._start(job)
+            if time.monotonic() - held_at > self._hold_limit:
+                self._give_back(job)
+            elif self._start(job, held_at):
                 return
-            self._give_back(job)
 
-    def _give_back(self, job: model.Job) -> None:
+    def _give_back(self, job: model.Job, reason: str = "held too long") -> None:
         """Hand a held job's lease back unsent (it is claimed again, same attempt number)."""
         self.limiter.release()
         self._log.warning(
-            "held_delivery_released", delivery_id=job.delivery_id, subscription=job.subscription_id
+            "held_delivery_released",
+            delivery_id=job.delivery_id,
+            subscription=job.subscription_id,
+            reason=reason,
         )
 
-        async def release() -> None:
-            try:
-                await self._repo.release([(job.delivery_id, job.lease_token)])
-            except db_pool.ERRORS as exc:
-                # The lease then expires and the reaper hands the delivery back.
-                log.warning("lease_release_failed", error=logs.error_text(exc), leases=1)
-
-        task = asyncio.create_task(release())
+        task = asyncio.create_task(self._release([job]))
         self._giving_back.add(task)
         task.add_done_callback(self._giving_back.discard)
+
+    async def _release(self, jobs: list[model.Job]) -> None:
+        try:
+            await self._repo.release([(job.delivery_id, job.lease_token) for job in jobs])
+        except db_pool.ERRORS as exc:
+            # The lease then expires and the reaper hands the delivery back.
+            log.warning("lease_release_failed", error=logs.error_text(exc), leases=len(jobs))
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.pop(task, None)
@@ -543,6 +607,7 @@ class Claimer:
         started_at = time.time()
         span = self._tracer.attempt(job)
         released = False
+        result: model.AttemptResult | None = None
         try:
             try:
                 result = await self._sender.send(job, span.headers)
@@ -557,7 +622,10 @@ class Claimer:
                 )
             finally:
                 on_wire.n -= 1
-                self._off_wire()
+                self._off_wire(
+                    job.subscription_id,
+                    gone=result is not None and result.verdict is model.Verdict.GONE,
+                )
             if result.verdict is not model.Verdict.GONE:
                 # The slot is free once the request is over (before its ack is queued, so
                 # the write that carries the ack can claim for it). After a 410 it is held
@@ -643,10 +711,14 @@ class Claimer:
             self._schedule(delay)
         if self._health is not None:
             self._health.observe(job, result)
-            if result.verdict is model.Verdict.GONE:
-                # Awaited in this delivery's slot, as before the monitor took the decision
-                # over: the subscription's next delivery is not claimed until it is disabled.
-                await self._health.gone(job)
+        if result.verdict is model.Verdict.GONE:
+            try:
+                if self._health is not None:
+                    # Awaited in this delivery's slot, as before the monitor took the decision
+                    # over; until it returns, no delivery of the subscription is sent (_start).
+                    await self._health.gone(job)
+            finally:
+                self._gone.discard(job.subscription_id)
 
     def _policy(self, job: model.Job) -> config.RetryPolicy:
         """The configured policy with the subscription's overrides on top (cached per set)."""
@@ -685,7 +757,7 @@ class Claimer:
 
     def in_flight(self) -> int:
         """Jobs held: on the wire and claimed ahead."""
-        return len(self._tasks) + len(self._ready)
+        return len(self._tasks) + len(self._ready) + sum(map(len, self._gated.values()))
 
     async def drain(self, grace_seconds: float) -> int:
         """Wait up to ``grace_seconds`` for requests on the wire, then cancel the rest and
@@ -693,7 +765,9 @@ class Claimer:
         self.stop_claiming()
         # Jobs claimed ahead never went out: their leases go back now, not after the grace.
         held = [job for job, _ in self._ready]
+        held += [job for gated in self._gated.values() for job, _ in gated]
         self._ready.clear()
+        self._gated.clear()
         self.limiter.release(len(held))
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=grace_seconds)
@@ -703,9 +777,11 @@ class Claimer:
         if left:
             await asyncio.wait(set(left), timeout=5)
         back = held + list(left.values())
-        if back:
-            try:
+        try:
+            if back:
                 await self._repo.release((j.delivery_id, j.lease_token) for j in back)
-            except db_pool.ERRORS as exc:
-                log.error("lease_release_failed", error=str(exc), leases=len(back))
+            # Subscriptions this process owned are free for other replicas at once.
+            await self._repo.disown(self._settings.worker_id)
+        except db_pool.ERRORS as exc:
+            log.error("lease_release_failed", error=str(exc), leases=len(back))
         return len(back)

@@ -29,6 +29,7 @@ class Lease:
     attempt: int
     subscription_id: str
     capped: bool
+    wire_cap: int | None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -105,15 +106,18 @@ RETURNING o.route_result, o.delivery_count, (SELECT count(*) FROM created) AS cr
 _ACK_SQL = "SELECT * FROM dispatcher_ack($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
 _COMPLETE_AND_CLAIM_SQL = """
 SELECT * FROM dispatcher_complete_and_claim($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
-                                            $13, $14, $15)
+                                            $13, $14, $15, $16)
 """
+# p_ahead: how many of a subscription's rows beyond its cap this process may hold while it
+# owns the subscription (sql/015_slot_owner.sql); 0 never owns.
+_CLAIM_SQL = "SELECT * FROM dispatcher_claim($1, $2, $3, $4)"
 
 # The claim without the row contents: ids only, so a row the client encoding cannot carry
 # (bytes that are not UTF-8 in a SQL_ASCII database) does not fail the statement; the
 # contents are then read by id, where such a row can be told apart and quarantined.
 _CLAIM_IDS_SQL = """
-SELECT c.delivery_id, c.lease_token, c.attempt, c.subscription_id, c.capped
-FROM dispatcher_claim($1, $2, $3) c
+SELECT c.delivery_id, c.lease_token, c.attempt, c.subscription_id, c.capped, c.wire_cap
+FROM dispatcher_claim($1, $2, $3, $4) c
 """
 _JOBS_BY_ID_SQL = """
 -- Claimed deliveries read back by id with the claim's columns; no locks: they are leased to
@@ -124,8 +128,8 @@ SELECT d.id AS delivery_id, d.lease_token, d.attempt, d.subscription_id, s.url, 
        s.signature_header, s.signers, s.headers::text AS headers,
        extract(epoch FROM o.created_at)::double precision AS event_created_at,
        d.ordering_key, d.manual_replay AS manual, s.retry_policy::text AS retry_policy,
-       o.traceparent, o.tracestate, c.capped
-FROM unnest($1::bigint[], $2::bigint[], $3::bool[]) AS c(id, token, capped)
+       o.traceparent, o.tracestate, c.capped, c.wire_cap
+FROM unnest($1::bigint[], $2::bigint[], $3::bool[], $4::int[]) AS c(id, token, capped, wire_cap)
 JOIN webhook_deliveries d ON d.id = c.id AND d.lease_token = c.token
 JOIN webhook_outbox o ON o.id = d.outbox_id
 JOIN webhook_subscriptions s ON s.id = d.subscription_id
@@ -157,13 +161,28 @@ RETURNING d.state
 """
 
 _RELEASE_SQL = """
--- Hand back leases this worker will not finish (graceful shutdown): fenced on the token,
--- and the attempt is not counted against the delivery.
+-- Hand back leases this worker will not finish (shutdown, held too long, endpoint gone):
+-- fenced on the token, and the attempt is not counted against the delivery. The delivery
+-- of a disabled subscription is parked, as disabling parks its queued work. The row lock
+-- (the one the counting trigger takes anyway, taken first: subscription, then deliveries,
+-- as a claim does) orders this against a disable in progress, which holds the row FOR
+-- UPDATE: whichever comes second sees the other's result, so nothing is left queued on a
+-- disabled subscription.
+WITH subs AS (
+    SELECT s.id, s.enabled
+    FROM webhook_subscriptions s
+    WHERE s.id IN (SELECT d.subscription_id FROM webhook_deliveries d
+                   WHERE d.id = ANY ($1::bigint[]))
+    ORDER BY s.id
+    FOR NO KEY UPDATE
+)
 UPDATE webhook_deliveries d
-SET state = 'retrying', next_attempt_at = now(), attempt = greatest(d.attempt - 1, 0),
+SET state = CASE WHEN subs.enabled THEN 'retrying' ELSE 'parked' END,
+    next_attempt_at = now(), attempt = greatest(d.attempt - 1, 0),
     leased_until = NULL, lease_token = NULL, leased_by = NULL, updated_at = now()
-FROM unnest($1::bigint[], $2::bigint[]) AS r(id, token)
+FROM unnest($1::bigint[], $2::bigint[]) AS r(id, token), subs
 WHERE d.id = r.id AND d.lease_token = r.token AND d.state = 'in_flight'
+  AND subs.id = d.subscription_id
 """
 
 _DISABLE_SQL = """
@@ -261,6 +280,8 @@ def _job(row: Any, box: secretbox.SecretBox) -> model.Job:
         traceparent=row["traceparent"],
         tracestate=row["tracestate"],
         capped=row["capped"],
+        # The probe's claim has no such column: it takes one delivery, never above the cap.
+        wire_cap=row.get("wire_cap"),
         problem=problem,
     )
 
@@ -307,17 +328,19 @@ class Repository:
 
     # -- claiming and acknowledging --------------------------------------------------------
 
-    async def claim(self, worker: str, limit: int, lease_seconds: float) -> list[model.Job]:
-        # One round trip; the locking lives in dispatcher_claim() (sql/006_claim.sql).
-        rows = await self.pool.fetch(
-            "SELECT * FROM dispatcher_claim($1, $2, $3)", worker, limit, lease_seconds
-        )
+    async def claim(
+        self, worker: str, limit: int, lease_seconds: float, ahead: int = 0
+    ) -> list[model.Job]:
+        # One round trip; the locking lives in dispatcher_claim() (sql/007, sql/015).
+        rows = await self.pool.fetch(_CLAIM_SQL, worker, limit, lease_seconds, ahead)
         return [_job(r, self.box) for r in rows]
 
-    async def claim_leases(self, worker: str, limit: int, lease_seconds: float) -> list[Lease]:
+    async def claim_leases(
+        self, worker: str, limit: int, lease_seconds: float, ahead: int = 0
+    ) -> list[Lease]:
         """The claim, returning leases without contents (see ``_CLAIM_IDS_SQL``)."""
-        rows = await self.pool.fetch(_CLAIM_IDS_SQL, worker, limit, lease_seconds)
-        return [Lease(r[0], r[1], r[2], str(r[3]), r[4]) for r in rows]
+        rows = await self.pool.fetch(_CLAIM_IDS_SQL, worker, limit, lease_seconds, ahead)
+        return [Lease(r[0], r[1], r[2], str(r[3]), r[4], r[5]) for r in rows]
 
     async def jobs_for(self, leases: Sequence[Lease]) -> list[model.Job]:
         """The jobs of leases this worker holds (read by id; a stale lease reads nothing)."""
@@ -326,6 +349,7 @@ class Repository:
             [x.delivery_id for x in leases],
             [x.lease_token for x in leases],
             [x.capped for x in leases],
+            [x.wire_cap for x in leases],
         )
         return [_job(r, self.box) for r in rows]
 
@@ -347,12 +371,17 @@ class Repository:
         return {r[0] for r in rows}
 
     async def complete_and_claim(
-        self, acks: Sequence[model.Ack], worker: str, limit: int, lease_seconds: float
+        self,
+        acks: Sequence[model.Ack],
+        worker: str,
+        limit: int,
+        lease_seconds: float,
+        ahead: int = 0,
     ) -> tuple[set[int], list[model.Job]]:
         """Apply results and claim up to ``limit`` deliveries in one round trip (one
         transaction: a failure applies neither). → (applied ids, claimed jobs)."""
         rows = await self.pool.fetch(
-            _COMPLETE_AND_CLAIM_SQL, *_ack_columns(acks), worker, limit, lease_seconds
+            _COMPLETE_AND_CLAIM_SQL, *_ack_columns(acks), worker, limit, lease_seconds, ahead
         )
         applied = {r["acked"] for r in rows if r["acked"] is not None}
         jobs = [_job(r, self.box) for r in rows if r["acked"] is None]
@@ -362,6 +391,10 @@ class Repository:
         rows = await self.pool.fetch(_RECLAIM_SQL, max_attempts)
         dead = sum(1 for r in rows if r["state"] == model.DeliveryState.DEAD)
         return Reclaimed(requeued=len(rows) - dead, dead=dead)
+
+    async def disown(self, worker: str) -> None:
+        """Give up the subscriptions this worker owns (sql/015), when it stops claiming."""
+        await self.pool.execute("SELECT dispatcher_disown($1)", worker)
 
     async def release(self, leases: Iterable[tuple[int, int]]) -> None:
         pairs = list(leases)

@@ -287,6 +287,27 @@ async def test_a_capped_subscriber_drains_without_any_timer(
     assert await _counter_drift(pool) == []
 
 
+async def test_a_burst_over_many_subscriptions_goes_out_without_waiting_for_the_poll(
+    start_dispatcher: Any, pool: Any, receiver: support.Receiver
+) -> None:
+    """One event each for 40 subscriptions with room for 5: a claim must visit as many
+    subscriptions as it takes to fill itself. Counting each one's room instead of its work,
+    a claim of 10 took 2 and came back short, which read as "no more work" until the poll
+    (here once a minute)."""
+    repo = repository.Repository(pool)
+    for _ in range(40):
+        await repo.create_subscription(
+            url=receiver.url, event_types=["*"], secret=SECRET, max_in_flight=5
+        )
+    running = await start_dispatcher(poll_interval_seconds=60.0, max_in_flight=10)
+    try:
+        async with pool.acquire() as conn:
+            await dispatcher.publish(conn, "e", {})
+        await support.wait_for(lambda: len(receiver.ok()) >= 40, timeout=15)
+    finally:
+        await running.stop()
+
+
 async def test_routing_wakes_the_claimers_in_its_one_statement(pool: Any, dsn: str) -> None:
     repo = repository.Repository(pool)
     await repo.create_subscription(url="http://127.0.0.1:1/", event_types=["*"], secret=SECRET)
@@ -406,7 +427,7 @@ async def test_a_claim_loop_that_keeps_failing_shows_in_readiness_and_metrics(
     status, _, text = await probe()
     assert status == 200
     assert failing_seconds(text) == 0.0
-    signature = "dispatcher_claim(text, integer, double precision)"
+    signature = "dispatcher_claim(text, integer, double precision, integer)"
     await pool.execute(f"ALTER FUNCTION {signature} RENAME TO dispatcher_claim_gone")
     try:
         running.dispatcher.claimer.wake()
@@ -418,7 +439,7 @@ async def test_a_claim_loop_that_keeps_failing_shows_in_readiness_and_metrics(
         assert failing_seconds(text) > 0
     finally:
         await pool.execute(
-            "ALTER FUNCTION dispatcher_claim_gone(text, integer, double precision) "
+            "ALTER FUNCTION dispatcher_claim_gone(text, integer, double precision, integer) "
             "RENAME TO dispatcher_claim"
         )
     await support.wait_for(lambda: probe_ready(probe), timeout=15, message="ready again")
