@@ -377,9 +377,12 @@ class Claimer:
             self._start(job)
         if reserved > len(jobs):
             self.limiter.release(reserved - len(jobs))
-        # A claim cut by a subscription's cap says that subscription has more work: an owner
-        # takes it ahead, on held slots (see _reserve).
-        self._backlogged = len(jobs) == reserved or any(job.capped for job in jobs)
+        # A claim cut by the cap of a subscription this process owns says it has more work:
+        # take it ahead, on held slots (see _reserve). Cut by another's rows, there is no
+        # room to take it into.
+        self._backlogged = len(jobs) == reserved or any(
+            job.capped and job.wire_cap is not None for job in jobs
+        )
 
     # -- main loop -------------------------------------------------------------------------
 

@@ -120,9 +120,9 @@ class Job:
     # The claim was cut by the subscription's max_in_flight: when this request finishes,
     # claim for it again (its freed slot is the only signal that it can take more).
     capped: bool = False
-    # The subscription's max_in_flight when claimed: a process never has more of its requests
-    # on the wire at once, whatever it holds claimed (sql/015_slot_owner.sql). None: no limit
-    # beyond the claim's own (a health probe's single delivery).
+    # Set when this process owns the subscription (sql/015_slot_owner.sql): its max_in_flight,
+    # which the process keeps on the wire whatever it holds claimed. None: the claim itself
+    # kept the subscription within its cap (another claimer's rows count, or a probe's one).
     wire_cap: int | None = None
     # Why this row cannot be sent as stored (found while loading it, e.g. a secret sealed under
     # a key this process does not hold); the sender then parks it without a request.

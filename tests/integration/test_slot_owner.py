@@ -64,6 +64,7 @@ async def test_ownership_is_taken_only_while_nobody_has_rows_in_flight(pool: Any
     assert await _owner(pool, sub) is None
     taken_by_a = await repo.claim("a", 10, 30, ahead=5)
     assert len(taken_by_a) == 2  # the cap minus b's row, not the owner's room
+    assert {j.wire_cap for j in taken_by_a} == {None}  # kept to the cap by the claim itself
     assert await _owner(pool, sub) is None
 
 
