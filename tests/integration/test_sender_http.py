@@ -9,6 +9,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 
@@ -170,3 +171,92 @@ async def test_a_cancelled_attempt_stays_cancelled_not_timed_out(
             await attempt
         after = await http.send(_job(f"http://{HOST}:{port}/ok"))
     assert after.verdict is model.Verdict.DELIVERED
+
+
+@pytest.mark.parametrize("direct", [True, False])
+async def test_both_request_paths_send_the_same_request(
+    server: tuple[Server, int], monkeypatch: pytest.MonkeyPatch, direct: bool
+) -> None:
+    """The direct path (``Sender._request``, used when the installed aiohttp fits it) and
+    ClientSession's own send the same headers and body."""
+    srv, port = server
+    if direct:
+        assert sender.DIRECT_REQUESTS, "the installed aiohttp no longer fits the direct path"
+
+        async def refused(*_a: Any, **_kw: Any) -> None:
+            raise AssertionError("ClientSession._request used")
+
+        monkeypatch.setattr(aiohttp.ClientSession, "_request", refused)
+    async with _sender(direct=direct, clock=lambda: 1_700_000_000.0) as http:
+        result = await http.send(_job(f"http://{HOST}:{port}/a"))
+    assert result.verdict is model.Verdict.DELIVERED
+    headers = srv.requests[0][0]
+    assert headers["Host"] == f"{HOST}:{port}"
+    assert headers["Content-Length"] == "2"
+    assert headers["Content-Type"] == "application/json"
+    assert headers["Accept-Encoding"] == "identity"
+    assert headers["webhook-id"] == "evt_1"
+    assert headers["webhook-timestamp"] == "1700000000"
+    assert sorted(k.lower() for k in headers) == sorted(
+        [
+            "host",
+            "accept",
+            "accept-encoding",
+            "user-agent",
+            "content-length",
+            "content-type",
+            "webhook-id",
+            "webhook-timestamp",
+            "webhook-signature",
+        ]
+    )
+
+
+@pytest.mark.parametrize("direct", [True, False])
+async def test_a_post_on_a_kept_alive_connection_found_closed_is_not_repeated(
+    direct: bool,
+) -> None:
+    """The receiver drops a kept-alive connection when the next request arrives on it. A POST
+    is not idempotent: neither path repeats it on its own (the attempt fails as a connect
+    error and is retried with backoff); the next one goes on a new connection."""
+    seen: list[int] = []
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        on_this_connection = 0
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    int(line.split(b":")[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                )
+                await reader.readexactly(length)
+                on_this_connection += 1
+                seen.append(on_this_connection)
+                if on_this_connection == 2:
+                    return  # closed without an answer
+                writer.write(ok)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+        finally:
+            writer.close()
+
+    srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    try:
+        async with _sender(direct=direct) as http:
+            first = await http.send(_job(f"http://{HOST}:{port}/a"))
+            second = await http.send(_job(f"http://{HOST}:{port}/a"))
+            third = await http.send(_job(f"http://{HOST}:{port}/a"))
+    finally:
+        srv.close()
+        await srv.wait_closed()
+    assert first.verdict is third.verdict is model.Verdict.DELIVERED
+    assert (second.verdict, second.outcome) == (
+        model.Verdict.RETRYABLE,
+        model.Outcome.CONNECT_ERROR,
+    )
+    assert seen == [1, 2, 1]  # the second request, dropped; the third on a new connection

@@ -51,6 +51,7 @@ async def sender() -> AsyncIterator[http_sender.Sender]:
         response_max_bytes=1024,
         response_log_bytes=16,
         clock=lambda: 1_700_000_000.0,
+        direct=False,  # aioresponses mocks ClientSession's path; sockets test the direct one
     )
     await session.close()
 
@@ -187,6 +188,7 @@ async def test_guard_refusal_is_blocked_not_retried(sender: http_sender.Sender) 
         response_log_bytes=10,
         guard=guard,
         is_blocked=lambda e: isinstance(e, Refused),
+        direct=False,
     )
     try:
         result = await guarded.send(_job())
