@@ -149,7 +149,8 @@ _NO_TIMER = helpers.TimerNoop()
 
 def _direct_requests_fit() -> bool:
     """Whether the installed aiohttp has the connector and request API ``Sender._request``
-    is written against (3.9 through 3.14); otherwise every request takes the session path."""
+    is written against (aiohttp 3.14's; ``tests/integration/test_sender_http.py`` fails when
+    an upgrade no longer fits); otherwise every request takes the session path."""
     try:
         request = inspect.signature(client_reqrep.ClientRequest.__init__).parameters
         params = inspect.signature(client_proto.ResponseHandler.set_response_params).parameters
