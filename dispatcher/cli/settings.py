@@ -167,8 +167,9 @@ TABLE: Final[tuple[Setting, ...]] = (
         parse_int,
         "deliveries claimed ahead of free request slots, each started the moment a request "
         "ends, so a freed slot does not wait for a database round trip; at most "
-        "`DISPATCHER_MAX_IN_FLIGHT` (held ones count against their subscription's "
-        "`max_in_flight`; 0 turns it off)",
+        "`DISPATCHER_MAX_IN_FLIGHT`. A subscription this process owns may have up to its "
+        "`max_in_flight` of them held beyond its cap, never more than the cap on the wire "
+        "(docs/delivery.md#concurrency); 0 turns both off",
     ),
     S(
         "DISPATCHER_POLL_INTERVAL",
