@@ -189,3 +189,46 @@ async def test_poison_delivery_is_dead_after_the_attempt_limit(pool: Any) -> Non
     row = await pool.fetchrow("SELECT state, attempt, last_error FROM webhook_deliveries")
     assert (row["state"], row["attempt"]) == ("dead", 3)
     assert "lease expired" in row["last_error"]
+
+
+async def test_the_cap_holds_while_an_owner_hands_over_and_is_killed(
+    pool: Any, dsn: str, receiver: support.Receiver, tmp_path: Path
+) -> None:
+    """A subscription's owner holds up to twice its cap in claimed rows (sql/015): a second
+    replica takes over the subscription, the first is SIGKILLed with rows still leased, and
+    the receiver never sees more than the cap at once; every event arrives."""
+    receiver.respond = lambda _n, _h, _b: (200, {}, 0.03)
+    await support.subscribe(pool, receiver.url, max_in_flight=3)
+    await support.publish(pool, 150)
+    env = {
+        "DISPATCHER_REQUEST_TIMEOUT": "1",
+        "DISPATCHER_CONNECT_TIMEOUT": "1",
+        "DISPATCHER_LEASE_MARGIN": "0.5",
+    }
+    first = support.spawn_dispatcher(dsn, extra_env=env, log_path=tmp_path / "first.log")
+    second: subprocess.Popen[bytes] | None = None
+    try:
+
+        async def owned_beyond_the_cap() -> bool:
+            row = await pool.fetchrow(
+                "SELECT claim_owner, in_flight_count FROM webhook_subscriptions"
+            )
+            return row["claim_owner"] is not None and row["in_flight_count"] > 3
+
+        await support.wait_for(owned_beyond_the_cap, timeout=20, message="owner holding > cap")
+        second = support.spawn_dispatcher(dsn, extra_env=env, log_path=tmp_path / "second.log")
+
+        async def both_delivered() -> bool:
+            workers = await pool.fetchval("SELECT count(DISTINCT worker) FROM webhook_attempts")
+            return int(workers) == 2
+
+        await support.wait_for(both_delivered, timeout=20, message="the second replica at work")
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        await support.wait_for(
+            lambda: _count_delivered(pool, 150), timeout=40, message="all delivered"
+        )
+    finally:
+        _stop([first] + ([second] if second else []))
+    assert receiver.max_concurrent == 3  # reached, and never more
+    assert len(set(receiver.ids())) == 150
