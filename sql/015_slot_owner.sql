@@ -11,8 +11,8 @@
 -- its claims, lapsing 5 s after its last one). The owner may hold up to
 -- max_in_flight + least(max_in_flight, p_ahead) rows in flight, and keeps at most
 -- max_in_flight of them on the wire itself (the claim returns wire_cap to the owner, NULL to
--- the others; the owner holds the rest back until one of that subscription's requests ends). The cap on requests to
--- the endpoint still holds across replicas:
+-- the others; the owner holds the rest back until one of that subscription's requests
+-- ends). The cap on requests to the endpoint still holds across replicas:
 --   * ownership is taken only while the subscription has no in_flight row at all, so every
 --     in_flight row of an owned subscription is the owner's;
 --   * while it is owned, no other claimer takes its rows (it registers as the waiter, and the
@@ -151,10 +151,9 @@ BEGIN
             -- most the room), so a claim over many subscriptions with a little work each
             -- visits enough of them to fill itself. (007 counted the room: with one event
             -- per subscription and a cap of 5, a claim of 50 took 10 and came back short,
-            -- which reads as "no more work" until the next poll.)
-            -- In the due index's order, so the scan stops at v_free entries (unordered, the
-            -- generic plan read every queued row of the subscription through a bitmap: 8 ms
-            -- per visit with 250 000 queued).
+            -- which reads as "no more work" until the next poll.) Read in the index's order,
+            -- so the scan stops after v_free entries; unordered, the generic plan read the
+            -- subscription's whole queue through a bitmap (8 ms per visit at 250 000).
             SELECT count(*)::integer INTO v_free
             FROM (SELECT 1 FROM webhook_deliveries d
                   WHERE d.subscription_id = v_sub AND d.state IN ('pending', 'retrying')
