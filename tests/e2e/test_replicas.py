@@ -49,6 +49,15 @@ async def test_max_in_flight_holds_across_three_replicas(
     assert len(set(receiver.ids())) == 120
 
 
+def _short_leases(*, request_timeout: float) -> dict[str, str]:
+    """Settings under which a killed replica's leases expire within seconds."""
+    return {
+        "DISPATCHER_REQUEST_TIMEOUT": str(request_timeout),
+        "DISPATCHER_CONNECT_TIMEOUT": "1",
+        "DISPATCHER_LEASE_MARGIN": "0.5",
+    }
+
+
 async def _count_delivered(pool: Any, n: int) -> bool:
     return await _count(pool, "delivered") == n
 
@@ -59,11 +68,7 @@ async def test_sigkill_mid_delivery_loses_nothing(
     receiver.release.clear()  # hold requests on the wire so the kill lands mid-delivery
     await support.subscribe(pool, receiver.url, max_in_flight=5)
     await support.publish(pool, 20)
-    env = {
-        "DISPATCHER_REQUEST_TIMEOUT": "2",
-        "DISPATCHER_CONNECT_TIMEOUT": "1",
-        "DISPATCHER_LEASE_MARGIN": "0.5",
-    }
+    env = _short_leases(request_timeout=2)
     first = support.spawn_dispatcher(dsn, extra_env=env, log_path=tmp_path / "first.log")
     second: subprocess.Popen[bytes] | None = None
     try:
@@ -200,11 +205,7 @@ async def test_the_cap_holds_while_an_owner_hands_over_and_is_killed(
     receiver.respond = lambda _n, _h, _b: (200, {}, 0.03)
     await support.subscribe(pool, receiver.url, max_in_flight=3)
     await support.publish(pool, 150)
-    env = {
-        "DISPATCHER_REQUEST_TIMEOUT": "1",
-        "DISPATCHER_CONNECT_TIMEOUT": "1",
-        "DISPATCHER_LEASE_MARGIN": "0.5",
-    }
+    env = _short_leases(request_timeout=1)
     first = support.spawn_dispatcher(dsn, extra_env=env, log_path=tmp_path / "first.log")
     second: subprocess.Popen[bytes] | None = None
     try:
