@@ -130,11 +130,15 @@ BEGIN
             v_room := v_cap - v_count;
         END IF;
         IF v_room <= 0 THEN
-            UPDATE webhook_subscriptions s
-            SET claim_waiter = p_worker, claim_waiter_until = now() + interval '2 seconds'
-            WHERE s.id = v_sub
-              AND (s.claim_waiter IS DISTINCT FROM p_worker
-                   OR s.claim_waiter_until < now() + interval '1 second');
+            -- At its cap: queue up for the next slot (007), unless this claimer owns it
+            -- already, which would only take the place of a replica waiting for it.
+            IF v_owner IS DISTINCT FROM p_worker THEN
+                UPDATE webhook_subscriptions s
+                SET claim_waiter = p_worker, claim_waiter_until = now() + interval '2 seconds'
+                WHERE s.id = v_sub
+                  AND (s.claim_waiter IS DISTINCT FROM p_worker
+                       OR s.claim_waiter_until < now() + interval '1 second');
+            END IF;
             CONTINUE;
         END IF;
         IF v_waiter IS NOT NULL THEN

@@ -196,40 +196,56 @@ async def test_poison_delivery_is_dead_after_the_attempt_limit(pool: Any) -> Non
     assert "lease expired" in row["last_error"]
 
 
-async def test_the_cap_holds_while_an_owner_hands_over_and_is_killed(
+async def test_the_cap_holds_when_an_owner_holding_twice_it_is_killed(
     pool: Any, dsn: str, receiver: support.Receiver, tmp_path: Path
 ) -> None:
-    """A subscription's owner holds up to twice its cap in claimed rows (sql/015): a second
-    replica takes over the subscription, the first is SIGKILLed with rows still leased, and
-    the receiver never sees more than the cap at once; every event arrives."""
-    receiver.respond = lambda _n, _h, _b: (200, {}, 0.03)
+    """A subscription's owner holds up to twice its cap in claimed rows (sql/015). It is
+    SIGKILLed with its cap on the wire and as many held, while a second replica waits for the
+    subscription: the second takes over only as the rows come back, the receiver never sees
+    more than the cap at once, and every event arrives."""
+    receiver.respond = lambda _n, _h, _b: (200, {}, 0.02)
+    receiver.release.clear()  # the owner's requests wait on the wire until the kill
     await support.subscribe(pool, receiver.url, max_in_flight=3)
     await support.publish(pool, 150)
     env = _short_leases(request_timeout=1)
-    first = support.spawn_dispatcher(dsn, extra_env=env, log_path=tmp_path / "first.log")
+    first = support.spawn_dispatcher(
+        dsn, extra_env=env | {"DISPATCHER_WORKER_ID": "first"}, log_path=tmp_path / "first.log"
+    )
     second: subprocess.Popen[bytes] | None = None
+
+    async def state() -> Any:
+        return await pool.fetchrow(
+            "SELECT claim_owner, claim_waiter, in_flight_count FROM webhook_subscriptions"
+        )
+
+    async def first_owns_and_holds_twice_the_cap() -> bool:
+        row = await state()
+        return row["claim_owner"] == "first" and row["in_flight_count"] == 6
+
+    async def second_waits() -> bool:
+        return (await state())["claim_waiter"] == "second"
+
     try:
-
-        async def owned_beyond_the_cap() -> bool:
-            row = await pool.fetchrow(
-                "SELECT claim_owner, in_flight_count FROM webhook_subscriptions"
-            )
-            return row["claim_owner"] is not None and row["in_flight_count"] > 3
-
-        await support.wait_for(owned_beyond_the_cap, timeout=20, message="owner holding > cap")
-        second = support.spawn_dispatcher(dsn, extra_env=env, log_path=tmp_path / "second.log")
-
-        async def both_delivered() -> bool:
-            workers = await pool.fetchval("SELECT count(DISTINCT worker) FROM webhook_attempts")
-            return int(workers) == 2
-
-        await support.wait_for(both_delivered, timeout=20, message="the second replica at work")
+        await support.wait_for(
+            first_owns_and_holds_twice_the_cap, timeout=20, message="first owns, holds 6"
+        )
+        second = support.spawn_dispatcher(
+            dsn,
+            extra_env=env | {"DISPATCHER_WORKER_ID": "second"},
+            log_path=tmp_path / "second.log",
+        )
+        await support.wait_for(second_waits, timeout=20, message="second waiting for it")
         first.send_signal(signal.SIGKILL)
         first.wait(10)
+        receiver.release.set()
         await support.wait_for(
-            lambda: _count_delivered(pool, 150), timeout=40, message="all delivered"
+            lambda: _count_delivered(pool, 150), timeout=60, message="all delivered"
         )
+        workers = {
+            r["worker"] for r in await pool.fetch("SELECT DISTINCT worker FROM webhook_attempts")
+        }
     finally:
         _stop([first] + ([second] if second else []))
+    assert workers == {"second"}  # the killed owner's requests were never answered in time
     assert receiver.max_concurrent == 3  # reached, and never more
     assert len(set(receiver.ids())) == 150
