@@ -96,16 +96,33 @@ SELECT id::text AS id FROM webhook_subscriptions WHERE enabled AND paused_until 
 """
 
 
+# The rows an update of several subscriptions will write, locked in id order first: the order
+# in which an ack's counting trigger locks them (sql/007). Locked in any other order, the two
+# deadlocked, and one failed after deadlock_timeout (a second's stall).
+_LOCK_IN_ID_ORDER_SQL = """
+SELECT 1 FROM webhook_subscriptions WHERE id = ANY ($1::uuid[]) ORDER BY id FOR NO KEY UPDATE
+"""
+
+
+async def _update_in_id_order(
+    pool: Any, sql: str, subscription_ids: Sequence[uuid.UUID], at: Sequence[float]
+) -> None:
+    ids = list(subscription_ids)
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute(_LOCK_IN_ID_ORDER_SQL, ids)
+        await conn.execute(sql, ids, list(at))
+
+
 async def record_successes(
     pool: Any, subscription_ids: Sequence[uuid.UUID], at: Sequence[float]
 ) -> None:
-    await pool.execute(_SUCCESS_SQL, list(subscription_ids), list(at))
+    await _update_in_id_order(pool, _SUCCESS_SQL, subscription_ids, at)
 
 
 async def record_failures(
     pool: Any, subscription_ids: Sequence[uuid.UUID], at: Sequence[float]
 ) -> None:
-    await pool.execute(_FAILURE_SQL, list(subscription_ids), list(at))
+    await _update_in_id_order(pool, _FAILURE_SQL, subscription_ids, at)
 
 
 async def pause(

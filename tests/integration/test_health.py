@@ -3,12 +3,19 @@ the whole window is disabled; every change lands in the audit table and in metri
 
 from __future__ import annotations
 
+import asyncio
 import time
+import uuid
 from typing import Any
+
+import pytest
 
 from dispatcher import config
 from dispatcher.db import health as db_health
+from dispatcher.db import repository
 from tests import support
+
+SECRET = "whsec_" + "H" * 32
 
 FAST_HEALTH = config.EndpointHealthPolicy(
     disable_after_seconds=0,
@@ -200,3 +207,42 @@ async def test_4xx_answers_count_for_the_window_but_do_not_trip_the_breaker(
 async def _failing_started(pool: Any, sid: str) -> bool:
     status = await db_health.status(pool, sid)
     return status is not None and status["failing_since"] is not None
+
+
+@pytest.mark.parametrize("record", [db_health.record_successes, db_health.record_failures])
+async def test_recording_outcomes_cannot_deadlock_with_an_ack(pool: Any, record: Any) -> None:
+    """An ack locks its subscriptions in id order (its counting trigger, sql/007) while the
+    health monitor records outcomes for several subscriptions at once. Recorded in another
+    order, the two deadlocked: one of them failed after deadlock_timeout (seen in the bench's
+    idle scenario as ack_write_failed, a one-second stall)."""
+    repo = repository.Repository(pool)
+    created = [
+        await repo.create_subscription(
+            url=f"http://127.0.0.1:1/{i}", event_types=["*"], secret=SECRET
+        )
+        for i in range(2)
+    ]
+    ids = sorted(uuid.UUID(str(sub["id"])) for sub in created)
+    low, high = ids
+    async with pool.acquire() as ack:
+        async with ack.transaction():
+            # The ack's trigger: the lower id first...
+            await ack.execute(
+                "SELECT 1 FROM webhook_subscriptions WHERE id = $1 FOR NO KEY UPDATE", low
+            )
+            recording = asyncio.create_task(record(pool, [high, low], [1.0, 1.0]))
+            await support.wait_for(
+                lambda: pool.fetchval(
+                    "SELECT count(*) > 0 FROM pg_stat_activity "
+                    "WHERE wait_event_type = 'Lock' AND query LIKE '%webhook_subscriptions%'"
+                ),
+                message="the recording waits for the ack",
+            )
+            # ... then the higher one, which the recording must not be holding.
+            await asyncio.wait_for(
+                ack.execute(
+                    "SELECT 1 FROM webhook_subscriptions WHERE id = $1 FOR NO KEY UPDATE", high
+                ),
+                5,
+            )
+        await asyncio.wait_for(recording, 5)
