@@ -161,7 +161,11 @@ def _direct_requests_fit() -> bool:
         {"loop", "response_class", "timer", "session", "ssl", "traces"} <= request.keys()
         and {"timer", "read_until_eof", "auto_decompress"} <= params.keys()
         and {"req", "traces", "timeout"} <= connect.keys()
-        and hasattr(aiohttp, "ConnectionTimeoutError")
+        and hasattr(aiohttp.BaseConnector, "allowed_protocol_schema_set")
+        and all(
+            hasattr(aiohttp, name)
+            for name in ("ConnectionTimeoutError", "NonHttpUrlClientError", "InvalidUrlClientError")
+        )
     )
 
 
@@ -362,6 +366,12 @@ class Sender:
         session = self._session
         connector = session.connector
         assert connector is not None
+        # The session's own checks, before anything connects: a row written behind the API's
+        # back can hold any URL (an ftp:// one would reach port 21 with a POST).
+        if url.scheme not in connector.allowed_protocol_schema_set:
+            raise aiohttp.NonHttpUrlClientError(url)
+        if not url.raw_host:
+            raise aiohttp.InvalidUrlClientError(url)
         req = client_reqrep.ClientRequest(
             "POST",
             url,

@@ -260,3 +260,32 @@ async def test_a_post_on_a_kept_alive_connection_found_closed_is_not_repeated(
         model.Outcome.CONNECT_ERROR,
     )
     assert seen == [1, 2, 1]  # the second request, dropped; the third on a new connection
+
+
+@pytest.mark.parametrize("url", ["ftp://{host}:{port}/x", "unix://{host}/x", "http:///x", "/x"])
+async def test_a_row_with_an_unusable_url_fails_alone_the_same_on_both_paths(url: str) -> None:
+    """A URL the API would refuse but a hand-written row can hold: the attempt fails with the
+    same outcome on both paths, no connection is opened, and nothing raises."""
+    connections: list[int] = []
+
+    async def count(_r: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        writer.close()
+
+    srv = await asyncio.start_server(count, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    results = []
+    try:
+        for direct in (True, False):
+            async with _sender(direct=direct) as http:
+                results.append(await http.send(_job(url.format(host=HOST, port=port))))
+    finally:
+        srv.close()
+        await srv.wait_closed()
+    direct_result, session_result = results
+    assert direct_result.verdict is model.Verdict.RETRYABLE
+    assert (direct_result.outcome, direct_result.error) == (
+        session_result.outcome,
+        session_result.error,
+    )
+    assert connections == []
