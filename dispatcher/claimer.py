@@ -302,7 +302,9 @@ class Claimer:
         # a request that ends is followed by the next one at once; the database only
         # guarantees the cap on claimed rows to the others, this keeps it on the wire.
         self._sub_wire: collections.Counter[str] = collections.Counter()
-        self._gated: dict[str, collections.deque[tuple[model.Job, float]]] = {}
+        self._gated: collections.defaultdict[str, collections.deque[tuple[model.Job, float]]] = (
+            collections.defaultdict(collections.deque)
+        )
         # Subscriptions whose endpoint answered 410, until they are disabled (see _off_wire).
         self._gone: set[str] = set()
         self._hold_limit = settings.lease_margin_seconds / 2
@@ -508,14 +510,10 @@ class Claimer:
             self._give_back(job, "endpoint gone")
             return False
         cap = job.wire_cap
-        if cap is not None and self._sub_wire[sub] >= cap:
-            gated = self._gated.get(sub)
-            if gated is None:
-                gated = self._gated[sub] = collections.deque()
-            gated.append((job, time.monotonic() if held_at is None else held_at))
-            return False
-        if self._wire >= self._wire_capacity:
-            self._ready.append((job, time.monotonic() if held_at is None else held_at))
+        gated = cap is not None and self._sub_wire[sub] >= cap
+        if gated or self._wire >= self._wire_capacity:
+            held = (job, time.monotonic() if held_at is None else held_at)
+            (self._gated[sub] if gated else self._ready).append(held)
             return False
         self._wire += 1
         self._sub_wire[sub] += 1
